@@ -1,0 +1,128 @@
+"""The Distillation Guided Compactor (DGC): a learnable channel selector.
+
+A DGC is an identity-initialised channel mixer placed on one prunable channel set:
+
+* ``kind="out"``: after the (foldable) norm of a producer convolution; ``y = Q x``; its
+  group lasso runs over the rows of ``Q`` and it folds backward into the producer.
+* ``kind="in"``: before a dense consumer when the producer's norm cannot be folded
+  (InstanceNorm, IBN); ``y = Q x``; lasso over columns; folds forward into the consumer.
+* ``kind="diag"``: a per-channel scale, for depthwise chains where a channel-mixing matrix
+  could not be folded; its "group" is a single weight.
+
+The module is attached with hooks (see ``surgery``) so the user's module names and
+checkpoint keys stay as they were: a DGC lives at ``<host>.cdd_dgc``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("out", "in", "diag")
+_EPS = 1e-12
+
+
+class DGC(nn.Module):
+    """Identity-initialised compactor over ``channels`` channels (see module docstring)."""
+
+    def __init__(self, channels: int, kind: str = "out") -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"DGC kind {kind!r} is unknown; use one of {KINDS}")
+        if channels < 1:
+            raise ValueError(f"a DGC needs at least one channel, got {channels}")
+        self.kind = kind
+        self.channels = int(channels)
+        if kind == "diag":
+            self.weight = nn.Parameter(torch.ones(channels))
+        else:
+            self.weight = nn.Parameter(torch.eye(channels))
+        # 1 = the task gradient still reaches the channel; 0 = only the lasso pulls it.
+        self.register_buffer("mask", torch.ones(channels))
+        self.capture = False
+        self.last_pooled: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kind={self.kind}"
+
+    def reset_identity(self) -> None:
+        """Restore the identity (frameworks whose ``init_weights`` re-initialise every parameter)."""
+        with torch.no_grad():
+            if self.kind == "diag":
+                self.weight.fill_(1.0)
+            else:
+                self.weight.copy_(torch.eye(self.channels, dtype=self.weight.dtype, device=self.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype != w.dtype:
+            w = w.to(x.dtype)
+        if self.kind == "diag":
+            shape = [1, self.channels] + [1] * (x.dim() - 2)
+            y = x * w.view(shape)
+        elif x.dim() == 2:
+            y = F.linear(x, w)
+        else:
+            y = F.conv2d(x, w[:, :, None, None]) if x.dim() == 4 else torch.einsum("oc,nc...->no...", w, x)
+        if self.capture:
+            self.last_pooled = (y.detach().flatten(2).mean(-1) if y.dim() > 2 else y.detach()).float()
+        return y
+
+    # -- the channel groups of the lasso -------------------------------------------------
+    def channel_norms(self) -> torch.Tensor:
+        """One group norm per prunable channel (rows for "out", columns for "in", |w| for "diag")."""
+        w = self.weight.detach()
+        if self.kind == "diag":
+            return w.abs()
+        return w.norm(dim=1) if self.kind == "out" else w.norm(dim=0)
+
+    def lasso_gradient(self, lasso: float) -> torch.Tensor:
+        """d/dQ of ``lasso * sum_groups ||Q_group||_2`` (zero for groups that are exactly zero)."""
+        w = self.weight.detach()
+        if self.kind == "diag":
+            return lasso * torch.sign(w)
+        if self.kind == "out":
+            return lasso * w / w.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        return lasso * w / w.norm(dim=0, keepdim=True).clamp_min(_EPS)
+
+    def lasso_value(self, lasso: float) -> torch.Tensor:
+        return lasso * self.channel_norms().sum()
+
+    def mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """Multiply a gradient of ``weight`` by the channel mask along the channel axis."""
+        m = self.mask.to(grad.dtype)
+        if self.kind == "diag":
+            return grad * m
+        return grad * (m[:, None] if self.kind == "out" else m[None, :])
+
+    @torch.no_grad()
+    def zero_(self, channels: Iterable[int]) -> "DGC":
+        """Set the given channels' groups exactly to zero."""
+        idx = torch.as_tensor(list(channels), dtype=torch.long, device=self.weight.device)
+        if idx.numel() == 0:
+            return self
+        if self.kind == "diag":
+            self.weight[idx] = 0.0
+        elif self.kind == "out":
+            self.weight[idx, :] = 0.0
+        else:
+            self.weight[:, idx] = 0.0
+        return self
+
+    def matrix(self) -> torch.Tensor:
+        """The compactor as a dense C x C matrix (diagonal kinds included)."""
+        w = self.weight.detach()
+        return torch.diag(w) if self.kind == "diag" else w
+
+
+def apply_output_dgc(module: nn.Module, inputs, output):
+    """Forward hook: route a host module's output through its DGC (looked up at call time,
+    so copies of the model use their own DGC)."""
+    return module.cdd_dgc(output)
+
+
+def apply_input_dgc(module: nn.Module, inputs):
+    """Forward pre-hook: route a consumer's first input through its DGC."""
+    return (module.cdd_dgc(inputs[0]),) + tuple(inputs[1:])

@@ -1,0 +1,97 @@
+"""Counting and timing: params, FLOPs (torch-pruning's counter), CPU latency, channel tables."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .surgery import _run
+
+
+def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, warmup: int = 3, runs: int = 10,
+            threads: Optional[int] = None, forward_fn=None) -> Dict[str, float]:
+    """Params and FLOPs (MACs, torch-pruning's counter) at ``example_inputs``; with
+    ``latency=True`` also the median CPU forward time in milliseconds."""
+    was_training = model.training
+    model.eval()
+    try:
+        flops, params = tp.utils.count_ops_and_params(model, example_inputs)
+        out: Dict[str, float] = {"params": int(params), "flops": int(flops)}
+        if latency:
+            out["latency_ms"] = measure_latency(model, example_inputs, warmup=warmup, runs=runs, threads=threads,
+                                                forward_fn=forward_fn)
+        return out
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 3, runs: int = 10,
+                    threads: Optional[int] = None, forward_fn=None) -> float:
+    """Median wall-clock milliseconds of one eval forward."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            _run(model, example_inputs, forward_fn)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            _run(model, example_inputs, forward_fn)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        times.sort()
+        return times[len(times) // 2]
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(old)
+
+
+def channel_table(dense: nn.Module, merged: nn.Module) -> List[dict]:
+    """Output channels of every conv / linear layer before and after merge, in model order."""
+    after = dict(merged.named_modules())
+    rows = []
+    for name, m in dense.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name in after:
+            a = after[name]
+            b_ch = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            a_ch = a.out_channels if isinstance(a, nn.Conv2d) else getattr(a, "out_features", b_ch)
+            rows.append({"layer": name, "before": int(b_ch), "after": int(a_ch)})
+    return rows
+
+
+def format_channel_table(rows: List[dict]) -> str:
+    w = max([len(r["layer"]) for r in rows] + [5])
+    lines = [f"{'layer'.ljust(w)}  before  after   kept"]
+    for r in rows:
+        lines.append(f"{r['layer'].ljust(w)}  {r['before']:>6}  {r['after']:>5}  {r['after'] / r['before']:>5.0%}")
+    return "\n".join(lines)
+
+
+def plot_channels(rows: List[dict], path: str, title: str = "Channels per layer") -> str:
+    """PNG bar chart of output channels per layer, before and after merge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["before"] != r["after"]] or rows
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * n + 2), 4.5))
+    xs = range(n)
+    ax.bar(xs, [r["before"] for r in rows], color="#c8d3e6", label="before merge")
+    ax.bar(xs, [r["after"] for r in rows], color="#2a5caa", label="after merge")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["layer"] for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

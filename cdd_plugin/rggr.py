@@ -1,0 +1,139 @@
+"""Retrieval-Guided Gradient Resetting: channel selection, memory queues, optimizer wrapper.
+
+``select_unimportant`` is METHOD.md section 4 in vectorised form. The neighbours of an
+image are found with its TEACHER feature among the queued teacher features of the layer
+(the teacher defines who the neighbours are; the queue already holds this batch, so an
+image's own teacher feature is usually its first neighbour). The contribution of channel
+c to a (query, neighbour) match is |t_n[c] * s_q[c]|; a channel is unimportant when it is
+among the ``ratio`` smallest contributions for EVERY pair of the batch.
+``select_unimportant_loop`` is the per-sample, set-intersection form the authors wrote;
+both use a stable sort, so they return identical masks (tests and
+``benchmarks/bench_rggr.py`` check it).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("cdd_plugin")
+
+
+def _check(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int, ratio: float, metric: str) -> None:
+    if s.dim() != 2 or t.shape != s.shape:
+        raise ValueError(f"student and teacher features must both be [B, C]; got {tuple(s.shape)} and {tuple(t.shape)}. "
+                         "Fix: pool each layer's output over space before passing it (mean over H, W).")
+    if bank.dim() != 2 or bank.shape[1] != s.shape[1]:
+        raise ValueError(f"the memory bank must be [N, C={s.shape[1]}], got {tuple(bank.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not (0.0 < ratio <= 1.0):
+        raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+
+
+def _neighbours(t: torch.Tensor, bank: torch.Tensor, k: int, metric: str) -> torch.Tensor:
+    k = min(k, bank.shape[0])
+    if metric == "cosine":
+        sim = F.normalize(t, dim=1) @ F.normalize(bank, dim=1).t()
+        return sim.topk(k, dim=1).indices
+    dist = torch.cdist(t, bank)
+    return dist.topk(k, dim=1, largest=False).indices
+
+
+def num_candidates(channels: int, ratio: float) -> int:
+    return max(1, int(ratio * channels))
+
+
+@torch.no_grad()
+def select_unimportant(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int, ratio: float,
+                       metric: str = "cosine") -> torch.Tensor:
+    """Boolean [C]: True where a channel is among the ``ratio`` least contributing for every pair."""
+    _check(s, t, bank, k, ratio, metric)
+    s, t, bank = s.float(), t.float(), bank.float()
+    idx = _neighbours(t, bank, k, metric)                      # [B, K]
+    contrib = (bank[idx] * s[:, None, :]).abs()                # [B, K, C]
+    n = num_candidates(s.shape[1], ratio)
+    order = torch.argsort(contrib, dim=-1, stable=True)[..., :n]
+    cand = torch.zeros_like(contrib, dtype=torch.bool).scatter_(-1, order, True)
+    return cand.flatten(0, 1).all(dim=0)
+
+
+@torch.no_grad()
+def select_unimportant_loop(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int, ratio: float,
+                            metric: str = "cosine") -> torch.Tensor:
+    """Reference per-sample form with Python set intersections (slow; for tests and benchmarks)."""
+    _check(s, t, bank, k, ratio, metric)
+    s, t, bank = s.float(), t.float(), bank.float()
+    C = s.shape[1]
+    n = num_candidates(C, ratio)
+    kk = min(k, bank.shape[0])
+    common: Optional[set] = None
+    for q in range(s.shape[0]):
+        if metric == "cosine":
+            sims = F.cosine_similarity(t[q:q + 1], bank, dim=1)
+            nbrs = sims.topk(kk).indices.tolist()
+        else:
+            d = (bank - t[q:q + 1]).pow(2).sum(1).sqrt()
+            nbrs = d.topk(kk, largest=False).indices.tolist()
+        for j in nbrs:
+            contrib = (bank[j] * s[q]).abs()
+            cand = set(torch.argsort(contrib, stable=True)[:n].tolist())
+            common = cand if common is None else common & cand
+    mask = torch.zeros(C, dtype=torch.bool)
+    if common:
+        mask[sorted(common)] = True
+    return mask
+
+
+class MemoryQueue:
+    """First-in-first-out store of pooled teacher features of one layer."""
+
+    def __init__(self, size: int, channels: int):
+        self.size = int(size)
+        self.channels = int(channels)
+        self.data: Optional[torch.Tensor] = None
+        self.ptr = 0
+        self.count = 0
+
+    def push(self, feats: torch.Tensor) -> None:
+        feats = feats.detach().float()
+        if feats.dim() != 2 or feats.shape[1] != self.channels:
+            raise ValueError(f"memory queue of {self.channels} channels got features of shape {tuple(feats.shape)}")
+        if self.data is None:
+            self.data = torch.zeros(self.size, self.channels, device=feats.device)
+        if feats.shape[0] >= self.size:
+            feats = feats[-self.size:]
+        n = feats.shape[0]
+        end = self.ptr + n
+        if end <= self.size:
+            self.data[self.ptr:end] = feats
+        else:
+            first = self.size - self.ptr
+            self.data[self.ptr:] = feats[:first]
+            self.data[: n - first] = feats[first:]
+        self.ptr = end % self.size
+        self.count = min(self.size, self.count + n)
+
+    def bank(self) -> torch.Tensor:
+        if self.data is None:
+            return torch.zeros(0, self.channels)
+        return self.data[: self.count] if self.count < self.size else self.data
+
+    def state_dict(self) -> dict:
+        return {"data": None if self.data is None else self.data[: self.count].cpu().clone()
+                if self.count < self.size else self.data.cpu().clone(),
+                "ptr": self.ptr, "count": self.count, "size": self.size}
+
+    def load_state_dict(self, sd: dict, device=None) -> None:
+        if int(sd["size"]) != self.size:
+            raise ValueError(f"checkpoint queue size {sd['size']} differs from the configured {self.size}; "
+                             "resume with the same queue_size")
+        self.ptr, self.count = int(sd["ptr"]), int(sd["count"])
+        self.data = None
+        if sd["data"] is not None:
+            self.data = torch.zeros(self.size, self.channels, device=device)
+            self.data[: sd["data"].shape[0]] = sd["data"].to(self.data.device)

@@ -1,0 +1,274 @@
+"""The one object that owns the CDD training state: DGCs, masks, queues, schedule."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import CDDConfig
+from .dgc import DGC
+from .flops import FlopsModel
+from .rggr import MemoryQueue, select_unimportant
+from .surgery import DGCSite, Skipped
+
+logger = logging.getLogger("cdd_plugin")
+
+STATE_VERSION = 1
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, concatenated in rank order (identity outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    top = int(max(s.item() for s in sizes))
+    pad = torch.zeros((top - x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    parts = [torch.zeros((top,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([x, pad]).contiguous())
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class CDDState:
+    """DGC sites, masks, teacher memory queues and the mask schedule of one student.
+
+    ``state_dict()`` / ``load_state_dict()`` carry everything needed to resume exactly
+    (the DGC weights and masks also live in the model's own state dict).
+    """
+
+    def __init__(self, model: nn.Module, sites: List[DGCSite], skipped: List[Skipped], cfg: CDDConfig,
+                 flops_model: FlopsModel):
+        self.cfg = cfg
+        self.sites = sites
+        self.skipped = skipped
+        self.compactors: Dict[str, DGC] = {s.name: model.get_submodule(s.name) for s in sites}
+        self.flops_model = flops_model
+        self.iteration = 0
+        self.queues: Dict[str, MemoryQueue] = {s.name: MemoryQueue(cfg.queue_size, s.channels) for s in sites}
+        self._pending: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_update: Dict[str, int] = {}
+        self.history: List[dict] = []
+
+    # -- introspection -------------------------------------------------------------------
+    def tap_points(self) -> Dict[str, Tuple[str, str]]:
+        return {s.name: tuple(s.tap) for s in self.sites}
+
+    def masks(self) -> Dict[str, torch.Tensor]:
+        return {n: d.mask for n, d in self.compactors.items()}
+
+    def active_channels(self) -> Dict[str, int]:
+        """Channels whose mask is still 1 (the task gradient reaches them)."""
+        return {n: int(d.mask.sum().item()) for n, d in self.compactors.items()}
+
+    def kept_channels(self) -> Dict[str, int]:
+        """Channels merge would keep now (group norm >= threshold; at least ``min_channels``)."""
+        out = {}
+        for n, d in self.compactors.items():
+            kept = int((d.channel_norms() >= self.cfg.threshold).sum().item())
+            out[n] = max(kept, min(self.cfg.min_channels, d.channels))
+        return out
+
+    def predicted_flops(self, kept: Optional[Dict[str, int]] = None) -> int:
+        """FLOPs (torch-pruning's count) of the model ``merge`` would produce now."""
+        kept = kept or self.kept_channels()
+        return self.flops_model([kept[s.name] for s in self.sites])
+
+    def planned_flops(self) -> int:
+        """FLOPs once every masked channel has reached zero."""
+        return self.predicted_flops({n: max(a, self.cfg.min_channels) for n, a in self.active_channels().items()})
+
+    def dense_flops(self) -> int:
+        return self.flops_model.dense()
+
+    def lasso_value(self) -> float:
+        return float(sum(d.lasso_value(self.cfg.lasso) for d in self.compactors.values()))
+
+    def summary(self) -> dict:
+        dense = self.dense_flops()
+        now = self.predicted_flops()
+        total = sum(s.channels for s in self.sites)
+        return {
+            "iteration": self.iteration,
+            "channels_total": total,
+            "channels_active": sum(self.active_channels().values()),
+            "channels_kept": sum(self.kept_channels().values()),
+            "flops_dense": dense,
+            "flops_merged": now,
+            "flops_planned": self.planned_flops(),
+            "flops_ratio": now / dense if dense else 1.0,
+            "sparsity": self.lasso_value(),
+        }
+
+    def report(self) -> str:
+        lines = [f"CDD surgery: {len(self.sites)} DGC site(s), {sum(s.channels for s in self.sites)} prunable "
+                 f"channels; criterion={self.cfg.criterion}, lasso={self.cfg.lasso}, threshold={self.cfg.threshold}"]
+        w = max([len(s.name) for s in self.sites] + [10])
+        lines.append(f"  {'site'.ljust(w)}  kind  channels  folds into / tap")
+        for s in self.sites:
+            into = s.consumers[0] if s.kind == "in" else (s.depthwise or s.producer)
+            lines.append(f"  {s.name.ljust(w)}  {s.kind:<4}  {s.channels:>8}  {into} / {s.tap[0]}:{s.tap[1]}")
+        if self.skipped:
+            lines.append(f"  skipped ({len(self.skipped)}):")
+            for sk in self.skipped:
+                more = f" (+{len(sk.layers) - 1} coupled)" if len(sk.layers) > 1 else ""
+                lines.append(f"    {sk.layers[0]}{more}: {sk.reason}")
+        return "\n".join(lines)
+
+    # -- per-step hooks ------------------------------------------------------------------
+    def capture(self, on: bool = True) -> None:
+        """Let every DGC keep its pooled output of the last forward (the student feature of RGGR)."""
+        for d in self.compactors.values():
+            d.capture = on
+            if not on:
+                d.last_pooled = None
+
+    @torch.no_grad()
+    def observe(self, student_feats: Optional[Dict[str, torch.Tensor]] = None,
+                teacher_feats: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Give RGGR this step's pooled features ([B, C] per site); teacher ones enter the queues.
+
+        Sites without a teacher feature use the student's own features as the memory
+        (self-retrieval), the documented fallback. Under torch.distributed the features of
+        the whole global batch are gathered, so every rank holds the same queues and masks.
+        """
+        student_feats = dict(student_feats or {})
+        teacher_feats = teacher_feats or {}
+        for name, d in self.compactors.items():
+            s = student_feats.get(name)
+            if s is None:
+                s = d.last_pooled
+            if s is None:
+                continue
+            t = teacher_feats.get(name)
+            t = s if t is None else t
+            if t.shape != s.shape:
+                raise ValueError(f"teacher feature for {name} has shape {tuple(t.shape)}, the student's is "
+                                 f"{tuple(s.shape)}; pair layers with the same channel count")
+            if not (torch.isfinite(s).all() and torch.isfinite(t).all()):
+                logger.warning("non-finite features at %s; this batch is not used for RGGR", name)
+                continue
+            s, t = _gather(s.detach().float()), _gather(t.detach().float())
+            self.queues[name].push(t)
+            self._pending[name] = (s, t)
+
+    def _due(self) -> bool:
+        c = self.cfg
+        return (c.criterion != "none" and self.iteration >= c.mask_start
+                and (self.iteration - c.mask_start) % c.mask_interval == 0)
+
+    @torch.no_grad()
+    def on_step(self) -> None:
+        """Advance the schedule by one optimizer step, refreshing masks when due."""
+        if self._due():
+            if self.cfg.criterion == "rggr":
+                self._update_rggr()
+            elif self.cfg.criterion == "norm":
+                self._update_norm()
+        self._pending.clear()
+        self.iteration += 1
+
+    @torch.no_grad()
+    def reset_gradients(self) -> None:
+        """RGGR gradient edit: grad = mask * grad_task + lasso * Q_group / ||Q_group||."""
+        lam = self.cfg.lasso
+        for d in self.compactors.values():
+            w = d.weight
+            lasso = d.lasso_gradient(lam).to(w.dtype)
+            if w.grad is None:
+                w.grad = lasso.clone()
+            else:
+                if not torch.isfinite(w.grad).all():
+                    continue  # an overflowing AMP step is skipped by the scaler; leave it alone
+                w.grad.copy_(d.mask_gradient(w.grad) + lasso)
+
+    # -- mask criteria -------------------------------------------------------------------
+    def _flops_met(self, active: Dict[str, int]) -> bool:
+        target = self.cfg.flops_target
+        if target is None:
+            return False
+        kept = {n: max(a, self.cfg.min_channels) for n, a in active.items()}
+        return self.predicted_flops(kept) <= target * self.dense_flops()
+
+    def _apply(self, proposals: List[Tuple[float, str, int]]) -> int:
+        """Mask proposed (score, site, channel) in ascending score order, within the budget."""
+        active = self.active_channels()
+        if self._flops_met(active):
+            return 0
+        added = 0
+        for _, name, c in sorted(proposals):
+            d = self.compactors[name]
+            if d.mask[c] == 0 or active[name] <= self.cfg.min_channels:
+                continue
+            d.mask[c] = 0.0
+            active[name] -= 1
+            added += 1
+            if self._flops_met(active):
+                break
+        return added
+
+    def _update_rggr(self) -> None:
+        proposals = []
+        for name, (s, t) in self._pending.items():
+            d = self.compactors[name]
+            bank = self.queues[name].bank().to(s.device)
+            unimportant = select_unimportant(s, t, bank, self.cfg.k, self.cfg.ratio, self.cfg.metric)
+            new = unimportant & (d.mask.bool().to(unimportant.device))
+            if new.any():
+                norms = d.channel_norms().cpu()
+                for c in new.nonzero().flatten().tolist():
+                    proposals.append((float(norms[c]), name, c))
+        if proposals:
+            n = self._apply(proposals)
+            if n:
+                logger.debug("RGGR masked %d channel(s) at iteration %d", n, self.iteration)
+
+    def _update_norm(self) -> None:
+        proposals = []
+        for name, d in self.compactors.items():
+            norms = d.channel_norms().cpu()
+            for c in d.mask.nonzero().flatten().tolist():
+                proposals.append((float(norms[c]), name, c))
+        proposals.sort()
+        active = self.active_channels()
+        chosen = []
+        for p in proposals:
+            if len(chosen) >= self.cfg.norm_step:
+                break
+            if active[p[1]] > self.cfg.min_channels:
+                chosen.append(p)
+                active[p[1]] -= 1
+        self._apply(chosen)
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "config": self.cfg.to_dict(),
+            "iteration": self.iteration,
+            "sites": [(s.name, s.kind, s.channels) for s in self.sites],
+            "masks": {n: d.mask.detach().cpu().clone() for n, d in self.compactors.items()},
+            "queues": {n: q.state_dict() for n, q in self.queues.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
+            raise ValueError("not a cdd_plugin CDD state (missing or unknown 'version'); pass the 'cdd' entry "
+                             "that CDDState.state_dict() produced")
+        mine = [(s.name, s.kind, s.channels) for s in self.sites]
+        theirs = [tuple(x) for x in sd["sites"]]
+        if mine != theirs:
+            diff = sorted(set(mine) ^ set(theirs))[:4]
+            raise ValueError(f"the checkpoint's DGC sites differ from this model's (e.g. {diff}); resume with the "
+                             "same student architecture, example input size and surgery settings")
+        self.iteration = int(sd["iteration"])
+        for n, m in sd["masks"].items():
+            self.compactors[n].mask.copy_(m.to(self.compactors[n].mask.device))
+        dev = next(iter(self.compactors.values())).weight.device
+        for n, q in sd["queues"].items():
+            self.queues[n].load_state_dict(q, device=dev)
