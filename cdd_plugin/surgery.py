@@ -215,16 +215,20 @@ class _Planner:
             hname = self.name_of[first]
             return DGCSite(name=f"{hname}.{_DGC_ATTR}", kind="out", channels=channels, host=hname, producer=pname,
                            norm=hname, consumers=consumer_names, tap=(hname, "output")), None
-        if any(isinstance(o, nn.Module) and not isinstance(o, (tp.ops._ElementWiseOp,)) and o in norms for o in outs):
-            # a norm that cannot be folded: compact on the consumer's input instead
+        if norms:
+            # a norm that cannot be folded backward (InstanceNorm, IBN, a BatchNorm after the activation):
+            # compact on the single dense consumer's input instead and fold forward
             if len(consumers) != 1 or not _is_dense(consumers[0]):
-                return skip("the producer's norm cannot be folded and an input-side compactor needs exactly one "
-                            f"dense consumer (found {len(consumers)})", [pname])
+                return skip(f"the producer's {type(norms[0]).__name__} cannot be folded into it, and an input-side "
+                            f"compactor needs exactly one dense consumer (found {len(consumers)})", [pname])
+            width = getattr(consumers[0], "in_channels", getattr(consumers[0], "in_features", None))
+            if width != channels:
+                return skip(f"the consumer {consumer_names[0]} sees {width} input channels, of which these "
+                            f"{channels} are a part (concatenation); an input-side compactor needs them alone",
+                            [pname])
             cname = consumer_names[0]
             return DGCSite(name=f"{cname}.{_DGC_ATTR}", kind="in", channels=channels, host=cname, producer=pname,
                            consumers=consumer_names, tap=(cname, "input")), None
-        if norms:
-            return skip("the producer feeds a norm through other operations; cannot fold", [pname])
         return DGCSite(name=f"{pname}.{_DGC_ATTR}", kind="out", channels=channels, host=pname, producer=pname,
                        consumers=consumer_names, tap=(pname, "output")), None
 
@@ -238,6 +242,12 @@ def build_graph(model: nn.Module, example_inputs: Any, *, customized_pruners=Non
             DG = tp.DependencyGraph().build_dependency(
                 model, example_inputs, forward_fn=forward_fn, output_transform=output_transform,
                 customized_pruners=customized_pruners, ignored_layers=ignored_layers, verbose=False)
+    except Exception as exc:
+        raise SurgeryError(
+            f"torch-pruning could not trace {type(model).__name__}'s channel dependencies "
+            f"({type(exc).__name__}: {exc}). Operations that reshuffle channels (e.g. ShuffleNet's channel "
+            "shuffle) are not supported; pass the modules around them in ignored_layers, or register a "
+            "customized pruner for a custom layer (customized_pruners=...)") from exc
     finally:
         model.train(was_training)
     return DG
@@ -261,10 +271,33 @@ def detach(model: nn.Module, site_host: str) -> None:
         delattr(host, _DGC_ATTR)
 
 
+def _perturbed_copy(model: nn.Module) -> nn.Module:
+    """A copy whose norms and biases are far from their initial values, so an operation that
+    maps 0 to a non-zero value (a BatchNorm shift, a bias) shows up in the probe even on a
+    freshly initialised model (where a BatchNorm still maps 0 to 0)."""
+    probe = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for m in probe.modules():
+            if isinstance(m, DGC):
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                if pname == "bias" or (pname == "weight" and isinstance(m, (nn.modules.batchnorm._BatchNorm,
+                                                                            nn.modules.instancenorm._InstanceNorm,
+                                                                            nn.GroupNorm, nn.LayerNorm))):
+                    p.copy_(torch.rand(p.shape, generator=g).to(p) + 0.5)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g).to(m.running_mean))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g).to(m.running_var) + 0.5)
+    return probe
+
+
 def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, example_inputs, forward_fn) -> Dict[str, str]:
-    """Zero channel 0 of every out/diag DGC and check that it reaches each consumer as exact zeros."""
+    """Zero channel 0 of every out/diag DGC (on a perturbed copy) and check that it reaches
+    each consumer as exact zeros."""
     failures: Dict[str, str] = {}
-    checks: List[Tuple[DGCSite, nn.Module, List[int]]] = []
+    name_of = {m: n for n, m in model.named_modules()}
+    checks: List[Tuple[DGCSite, str, List[int], bool]] = []
     for site in sites:
         if site.kind == "in":
             continue
@@ -275,42 +308,28 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
         for dep, idxs in group:
             mod = dep.target.module
             if isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_in_channel_pruning_fn(dep.handler) and not _is_depthwise(mod):
-                checks.append((site, mod, list(idxs)))
+                checks.append((site, name_of[mod], list(idxs), isinstance(mod, nn.Conv2d)))
     if not checks:
         return failures
-    saved = {s.name: _get_module(model, s.name).weight.detach().clone() for s in sites if s.kind != "in"}
-    seen: Dict[int, List[torch.Tensor]] = {}
-    handles = []
-    consumers = {id(m): m for _, m, _ in checks}
-
-    def grab(module, inputs):
-        seen.setdefault(id(module), []).append(inputs[0].detach())
-
-    for m in consumers.values():
-        handles.append(m.register_forward_pre_hook(grab))
-    was_training = model.training
-    model.eval()
-    try:
-        for s in sites:
-            if s.kind != "in":
-                _get_module(model, s.name).zero_([0])
-        with torch.no_grad():
-            _run(model, example_inputs, forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for name, w in saved.items():
-                _get_module(model, name).weight.copy_(w)
-        model.train(was_training)
-    name_of = {m: n for n, m in model.named_modules()}
-    for site, mod, idxs in checks:
-        for x in seen.get(id(mod), []):
-            part = x[:, idxs] if isinstance(mod, nn.Conv2d) else x[..., idxs]
+    probe = _perturbed_copy(model)
+    seen: Dict[str, List[torch.Tensor]] = {}
+    for cname in {c[1] for c in checks}:
+        def grab(module, inputs, _name=cname):
+            seen.setdefault(_name, []).append(inputs[0].detach())
+        _get_module(probe, cname).register_forward_pre_hook(grab)
+    probe.eval()
+    for s in sites:
+        if s.kind != "in":
+            _get_module(probe, s.name).zero_([0])
+    with torch.no_grad():
+        _run(probe, example_inputs, forward_fn)
+    for site, cname, idxs, is_conv in checks:
+        for x in seen.get(cname, []):
+            part = x[:, idxs] if is_conv else x[..., idxs]
             if part.abs().max().item() != 0.0:
-                failures[site.name] = (f"a zeroed channel reaches {name_of.get(mod, '?')} as non-zero values (an "
-                                       "operation in between maps 0 to a non-zero value, e.g. a BatchNorm, a bias or "
-                                       "a sigmoid); merge could not remove it exactly")
+                failures[site.name] = (f"a zeroed channel reaches {cname} as non-zero values (an operation in "
+                                       "between maps 0 to a non-zero value, e.g. a BatchNorm, a bias or a sigmoid); "
+                                       "merge could not remove it exactly")
                 break
     return failures
 
