@@ -62,6 +62,9 @@ class CDDConfig:
         if self.flops_target is not None and not (0.0 < float(self.flops_target) < 1.0):
             raise bad("flops_target", "must be the kept fraction of the dense student's FLOPs, in (0, 1)",
                       "set e.g. flops_target=0.35 for 65% fewer FLOPs, or None for no target")
+        if self.criterion == "norm" and self.flops_target is None:
+            raise bad("criterion", "ResRep's norm ranking masks channels until a FLOPs target is met, and none is set",
+                      "set flops_target (e.g. 0.35), or use criterion='rggr'")
         if not isinstance(self.norm_step, int) or self.norm_step < 1:
             raise bad("norm_step", "must be >= 1", "set norm_step=8")
         if not isinstance(self.min_channels, int) or self.min_channels < 1:

@@ -1,0 +1,294 @@
+"""RGGR selection, gradient resetting, mask criteria, schedule, optimizer wrapper and exact resume."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import cdd_plugin
+from cdd_plugin import CDDConfig, ConfigError, RGGROptimizer
+from cdd_plugin.rggr import select_unimportant, select_unimportant_loop
+
+
+class SmallNet(nn.Module):
+    def __init__(self, width=16, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        emb = F.relu(self.bn3(self.conv3(x))).mean((2, 3))
+        return self.fc(emb), emb
+
+
+X = torch.randn(4, 3, 16, 16)
+
+
+def _make(cfg=None, seed=0):
+    torch.manual_seed(seed)
+    net = SmallNet()
+    state = cdd_plugin.insert_dgc(net, X, cfg or CDDConfig(criterion="none"))
+    return net, state
+
+
+# -- selection -------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 6), C=st.integers(2, 24), N=st.integers(1, 30), k=st.integers(1, 3),
+       ratio=st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]), metric=st.sampled_from(["cosine", "l2"]),
+       ties=st.booleans(), seed=st.integers(0, 1000))
+def test_vectorised_selection_equals_the_per_sample_loop(B, C, N, k, ratio, metric, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, C, generator=g)
+    t = torch.randn(B, C, generator=g)
+    bank = torch.cat([torch.randn(N, C, generator=g), t])
+    if ties:  # integer-valued features: many equal contributions
+        s, t, bank = s.round(), t.round(), bank.round()
+    fast = select_unimportant(s, t, bank, k, ratio, metric)
+    slow = select_unimportant_loop(s, t, bank, k, ratio, metric)
+    assert torch.equal(fast, slow)
+
+
+def test_a_channel_the_student_never_uses_is_unimportant_and_a_dominant_one_is_not():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(8, 16, generator=g) + 0.1
+    t = torch.rand(8, 16, generator=g) + 0.1
+    s[:, 3] = 0.0        # contributes nothing to any match
+    s[:, 7] = 100.0      # dominates every match
+    bank = torch.cat([torch.rand(50, 16, generator=g) + 0.1, t])
+    mask = select_unimportant(s, t, bank, k=2, ratio=0.5)
+    assert mask[3] and not mask[7]
+
+
+def test_selection_rejects_bad_shapes_with_the_fix():
+    with pytest.raises(ValueError, match="pool each layer"):
+        select_unimportant(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(5, 3), 2, 0.5)
+    with pytest.raises(ValueError, match="memory bank"):
+        select_unimportant(torch.randn(2, 3), torch.randn(2, 3), torch.randn(5, 4), 2, 0.5)
+
+
+# -- gradient resetting ----------------------------------------------------------------------
+def test_masked_channels_receive_only_the_lasso_gradient_and_others_task_plus_lasso():
+    net, state = _make(CDDConfig(criterion="none", lasso=0.01))
+    dgc = state.compactors["bn1.cdd_dgc"]
+    with torch.no_grad():
+        dgc.weight.add_(0.1 * torch.randn_like(dgc.weight))
+    dgc.mask[[1, 4]] = 0.0
+    logits, _ = net(X)
+    logits.sum().backward()
+    task = dgc.weight.grad.clone()
+    state.reset_gradients()
+    w = dgc.weight.detach()
+    lasso = 0.01 * w / w.norm(dim=1, keepdim=True)
+    expected = task * dgc.mask[:, None] + lasso
+    assert torch.allclose(dgc.weight.grad, expected, atol=1e-7)
+    assert torch.allclose(dgc.weight.grad[1], lasso[1]) and torch.allclose(dgc.weight.grad[4], lasso[4])
+
+
+def test_masked_rows_shrink_to_zero_and_merge_removes_them():
+    net, state = _make(CDDConfig(criterion="none", lasso=0.5, threshold=1e-3))
+    dgc = state.compactors["bn2.cdd_dgc"]
+    dgc.mask[:10] = 0.0
+    opt = RGGROptimizer(torch.optim.SGD(net.parameters(), lr=0.05), state)
+    norms = []
+    for _ in range(60):
+        logits, _ = net(X)
+        opt.zero_grad()
+        F.cross_entropy(logits, torch.arange(4) % 5).backward()
+        opt.step()
+        norms.append(dgc.channel_norms()[:10].max().item())
+    assert norms[-1] < 0.05 * norms[0]
+    with torch.no_grad():  # finish the job exactly, as a long schedule would
+        dgc.zero_(range(10))
+    merged = cdd_plugin.merge(net)
+    assert merged.conv2.out_channels == 32 - 10
+
+
+# -- criteria and schedule -------------------------------------------------------------------
+def _feed(state, net, seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = {}
+    for name, dgc in state.compactors.items():
+        feats[name] = torch.rand(6, dgc.channels, generator=g)
+    state.observe(feats, {n: f + 0.01 for n, f in feats.items()})
+
+
+def test_rggr_masks_persist_and_respect_the_flops_target_and_min_channels():
+    net, state = _make(CDDConfig(criterion="rggr", ratio=0.9, k=1, flops_target=0.7, queue_size=64))
+    dense = state.dense_flops()
+    seen_masked = set()
+    for it in range(20):
+        _feed(state, net, it)
+        state.on_step()
+        now = {(n, c) for n, d in state.compactors.items() for c in (d.mask == 0).nonzero().flatten().tolist()}
+        assert seen_masked <= now, "a mask came back to 1"
+        seen_masked = now
+    assert seen_masked, "RGGR never masked anything"
+    assert state.planned_flops() <= 0.7 * dense
+    # budget met: it stopped early rather than masking everything it could
+    assert sum(state.active_channels().values()) > len(state.sites)
+    assert all(v >= 1 for v in state.active_channels().values())
+
+
+def test_rggr_without_flops_target_keeps_at_least_one_channel_per_layer():
+    net, state = _make(CDDConfig(criterion="rggr", ratio=1.0, k=1, queue_size=16))
+    for it in range(5):
+        _feed(state, net, it)
+        state.on_step()
+    assert all(v == 1 for v in state.active_channels().values())
+
+
+def test_norm_criterion_masks_the_smallest_rows_a_few_at_a_time():
+    net, state = _make(CDDConfig(criterion="norm", norm_step=3, flops_target=0.5))
+    dgc = state.compactors["bn2.cdd_dgc"]
+    with torch.no_grad():
+        dgc.weight[[5, 9, 11]] *= 0.01
+    state.on_step()
+    assert sum(d.channels - a for d, a in zip(state.compactors.values(), state.active_channels().values())) == 3
+    assert set((dgc.mask == 0).nonzero().flatten().tolist()) == {5, 9, 11}
+
+
+def test_mask_start_and_interval_schedule():
+    net, state = _make(CDDConfig(criterion="norm", norm_step=1, flops_target=0.1, mask_start=3, mask_interval=2))
+    masked = []
+    for it in range(8):
+        state.on_step()
+        masked.append(sum(d.channels for d in state.compactors.values()) - sum(state.active_channels().values()))
+    # refreshes at iterations 3, 5, 7
+    assert masked == [0, 0, 0, 1, 1, 2, 2, 3]
+
+
+def test_sites_without_a_teacher_fall_back_to_self_retrieval():
+    net, state = _make(CDDConfig(criterion="rggr", queue_size=32))
+    s = {n: torch.rand(4, d.channels) for n, d in state.compactors.items()}
+    state.observe(s, {})
+    for n, q in state.queues.items():
+        assert torch.equal(q.bank(), s[n])
+
+
+# -- optimizer wrapper -----------------------------------------------------------------------
+def test_wrapper_is_still_the_inner_optimizer_for_schedulers_and_scalers():
+    net, state = _make()
+    inner = torch.optim.SGD(cdd_plugin.param_groups(net, lr=0.1, weight_decay=1e-4), lr=0.1, momentum=0.9)
+    opt = RGGROptimizer(inner, state)
+    assert isinstance(opt, torch.optim.SGD)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    logits, _ = net(X)
+    F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)).backward()
+    opt.step()
+    sched.step()
+    assert state.iteration == 1
+    assert opt.param_groups[0]["lr"] < 0.1
+    dgc_group = [g for g in opt.param_groups if any(p is d.weight for d in state.compactors.values() for p in g["params"])]
+    assert all(g["weight_decay"] == 0.0 for g in dgc_group)
+    with pytest.raises(TypeError, match="already wrapped"):
+        RGGROptimizer(opt, state)
+    with pytest.raises(ValueError, match="AFTER cdd_plugin.insert_dgc"):
+        RGGROptimizer(torch.optim.SGD(SmallNet().parameters(), lr=0.1), state)
+
+
+def test_bf16_autocast_step_on_cpu():
+    net, state = _make(CDDConfig(criterion="none", lasso=0.01))
+    opt = RGGROptimizer(torch.optim.SGD(net.parameters(), lr=0.1), state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = net(X)
+        loss = F.cross_entropy(logits.float(), torch.zeros(4, dtype=torch.long))
+    loss.backward()
+    before = {n: d.weight.detach().clone() for n, d in state.compactors.items()}
+    opt.step()
+    assert all(not torch.equal(before[n], d.weight) for n, d in state.compactors.items())
+    assert all(torch.isfinite(d.weight).all() for d in state.compactors.values())
+
+
+def test_amp_grad_scaler_unscales_before_the_reset():
+    net, state = _make(CDDConfig(criterion="none", lasso=0.01))
+    opt = RGGROptimizer(torch.optim.SGD(net.parameters(), lr=0.1), state)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    dgc = state.compactors["bn1.cdd_dgc"]
+    dgc.mask[0] = 0.0
+    logits, _ = net(X)
+    scaler.scale(F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))).backward()
+    scaler.unscale_(opt)
+    w = dgc.weight.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    # the masked row moved by exactly lr * lasso * unit vector: no leftover scale factor
+    step = (w[0] - dgc.weight.detach()[0]).norm().item()
+    assert step == pytest.approx(0.1 * 0.01, rel=1e-4)
+
+
+# -- exact resume ----------------------------------------------------------------------------
+def _train(net, state, opt, steps, start=0):
+    for i in range(start, start + steps):
+        g = torch.Generator().manual_seed(100 + i)
+        x = torch.randn(4, 3, 16, 16, generator=g)
+        y = torch.randint(0, 5, (4,), generator=g)
+        state.capture(True)
+        logits, _ = net(x)
+        state.observe()
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+
+
+def test_resume_from_checkpoint_ends_with_the_same_masks_and_weights(tmp_path):
+    cfg = CDDConfig(criterion="rggr", ratio=0.6, k=2, queue_size=10, lasso=0.05, flops_target=0.6)
+    net_a, st_a = _make(cfg)
+    opt_a = RGGROptimizer(torch.optim.SGD(net_a.parameters(), lr=0.05, momentum=0.9), st_a)
+    _train(net_a, st_a, opt_a, 8)
+
+    net_b, st_b = _make(cfg)
+    opt_b = RGGROptimizer(torch.optim.SGD(net_b.parameters(), lr=0.05, momentum=0.9), st_b)
+    _train(net_b, st_b, opt_b, 4)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": net_b.state_dict(), "optimizer": opt_b.state_dict()}, path)
+
+    ckpt = torch.load(path, weights_only=True)
+    net_c, st_c = _make(cfg, seed=123)  # different init: everything must come from the checkpoint
+    opt_c = RGGROptimizer(torch.optim.SGD(net_c.parameters(), lr=0.05, momentum=0.9), st_c)
+    net_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["optimizer"])
+    assert st_c.iteration == 4
+    _train(net_c, st_c, opt_c, 4, start=4)
+
+    assert any((d.mask == 0).any() for d in st_a.compactors.values())
+    for n in st_a.compactors:
+        assert torch.equal(st_a.compactors[n].mask, st_c.compactors[n].mask), n
+    for (k, va), vc in zip(net_a.state_dict().items(), net_c.state_dict().values()):
+        assert torch.allclose(va, vc, atol=1e-6), k
+
+
+def test_loading_a_state_from_another_architecture_is_refused():
+    _, st_a = _make()
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten())
+    st_b = cdd_plugin.insert_dgc(other, X)
+    with pytest.raises(ValueError, match="same student architecture"):
+        st_b.load_state_dict(st_a.state_dict())
+    with pytest.raises(ValueError, match="not a cdd_plugin CDD state"):
+        st_b.load_state_dict({"masks": {}})
+
+
+# -- configuration ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ratio": 0.0}, "ratio"), ({"ratio": 1.5}, "ratio"), ({"k": 0}, "k=2"), ({"criterion": "magnitude"}, "rggr"),
+    ({"metric": "dot"}, "cosine"), ({"lasso": -1.0}, "lasso"), ({"threshold": 0.0}, "threshold"),
+    ({"flops_target": 1.5}, "flops_target"), ({"criterion": "norm"}, "set flops_target"), ({"queue_size": 0}, "queue_size"), ({"mask_interval": 0}, "mask_interval"),
+])
+def test_invalid_config_values_name_the_fix(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        CDDConfig(**kwargs)
+
+
+def test_unknown_config_keys_list_the_valid_ones():
+    with pytest.raises(ConfigError, match="valid keys are: lasso, threshold"):
+        CDDConfig.from_dict({"lasso": 0.1, "lamda": 0.2})
