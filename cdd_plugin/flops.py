@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning.utils import op_counter
 
 from .dgc import DGC
@@ -68,18 +69,17 @@ class FlopsModel:
         S = len(sites)
         C = [s.channels for s in sites]
         out_site: Dict[int, int] = {}
-        in_site: Dict[int, int] = {}
+        in_sites: Dict[int, List[tuple]] = {}   # consumer -> [(site, input features from that site)]
         folded_norms = set()
         gains_bias: Dict[int, int] = {}
         for i, s in enumerate(sites):
             prod = _get_module(model, s.producer)
             out_site[id(prod)] = i
-            if s.kind == "in":
-                in_site[id(_get_module(model, s.host))] = i
             if s.depthwise:
                 out_site[id(_get_module(model, s.depthwise))] = i
             for cname in s.consumers:
-                in_site.setdefault(id(_get_module(model, cname)), i)
+                share = s.consumer_shares.get(cname, s.channels)
+                in_sites.setdefault(id(_get_module(model, cname)), []).append((i, share))
             if s.norm:
                 out_site[id(_get_module(model, s.norm))] = i
             if s.kind in ("out", "diag"):
@@ -93,63 +93,86 @@ class FlopsModel:
         c0 = 0.0
         a = np.zeros(S)
         Bm = np.zeros((S, S))
-        tensor_site: Dict[int, int] = {}
+        # channel composition of traced tensors along dim 1: [(site or None, channels), ...]
+        segments: Dict[int, List[tuple]] = {}
         keep: List[torch.Tensor] = []
 
-        def mark(t, i):
-            if isinstance(t, torch.Tensor) and i is not None:
-                tensor_site[id(t)] = i
+        def mark(t, segs):
+            if isinstance(t, torch.Tensor) and segs is not None:
+                segments[id(t)] = segs
                 keep.append(t)
+
+        def whole(t, i):
+            return None if i is None or not isinstance(t, torch.Tensor) or t.dim() < 2 else [(i, t.shape[1])]
 
         def hook(module, inputs, output):
             nonlocal c0
             if id(module) in dgc_site:
-                mark(output, dgc_site[id(module)])
+                mark(output, whole(output, dgc_site[id(module)]))
                 return
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
             fl = _call_flops(module, inputs, output)
+            supported = op_counter.is_supported_instance(module)
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 o = out_site.get(id(module))
-                i = in_site.get(id(module))
                 if isinstance(module, nn.Conv2d):
                     per_ch = int(output.shape[0] * np.prod(output.shape[2:]))
+                    out_ch, in_total = module.out_channels, module.in_channels
                 else:
                     per_ch = 1  # torch-pruning counts a linear bias once per call, whatever the batch
-                out_ch = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-                bias = per_ch * out_ch if (module.bias is not None and op_counter.is_supported_instance(module)) else 0
-                if not op_counter.is_supported_instance(module):
-                    per_ch = 0
+                    out_ch, in_total = module.out_features, module.in_features
+                bias = per_ch * out_ch if (module.bias is not None and supported) else 0
                 mac = fl - bias
                 if _is_depthwise(module) and o is not None:
                     a[o] += (mac + bias) / C[o]
                 else:
-                    if o is not None and i is not None:
-                        Bm[i, o] += mac / (C[i] * C[o])
-                    elif o is not None:
-                        a[o] += mac / C[o]
-                    elif i is not None:
-                        a[i] += mac / C[i]
-                    else:
-                        c0 += mac
+                    ins = in_sites.get(id(module), [])
+                    base = in_total - sum(w for _, w in ins)
                     if o is not None:
-                        a[o] += bias / C[o]
+                        a[o] += mac * base / (in_total * C[o]) + bias / C[o]
+                        for i, w in ins:
+                            Bm[i, o] += mac * w / (in_total * C[i] * C[o])
                     else:
-                        c0 += bias
-                if id(module) in gains_bias:
+                        c0 += mac * base / in_total + bias
+                        for i, w in ins:
+                            a[i] += mac * w / (in_total * C[i])
+                if id(module) in gains_bias and supported:
                     a[gains_bias[id(module)]] += per_ch
-                mark(output, o)
+                mark(output, whole(output, o))
                 return
             if id(module) in folded_norms:
-                mark(output, out_site[id(module)])
+                mark(output, whole(output, out_site[id(module)]))
                 return
-            s = out_site.get(id(module), tensor_site.get(id(x)) if x is not None else None)
-            if s is not None:
-                a[s] += fl / C[s]
+            own = out_site.get(id(module))
+            segs = whole(output, own) if own is not None else (segments.get(id(x)) if x is not None else None)
+            total = sum(n for _, n in segs) if segs else 0
+            if segs and total:
+                for i, n in segs:
+                    if i is None:
+                        c0 += fl * n / total
+                    else:
+                        a[i] += fl * n / (total * C[i])
             else:
                 c0 += fl
-            if isinstance(output, torch.Tensor) and x is not None and output.dim() > 1 and x.dim() > 1 \
-                    and output.shape[1] == x.shape[1]:
-                mark(output, s)
+            if segs and isinstance(output, torch.Tensor) and output.dim() > 1 and output.shape[1] == total:
+                mark(output, segs)
+
+        class _CatTracker(TorchFunctionMode):
+            """Carries channel composition through torch.cat along dim 1."""
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                if func in (torch.cat, torch.concat):
+                    tensors = args[0] if args else kwargs.get("tensors")
+                    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+                    if isinstance(out, torch.Tensor) and out.dim() > 1 and dim in (1, 1 - out.dim()):
+                        segs = []
+                        for t in tensors:
+                            segs.extend(segments.get(id(t), [(None, t.shape[1])]))
+                        if any(i is not None for i, _ in segs):
+                            mark(out, segs)
+                return out
 
         handles = []
         for m in model.modules():
@@ -158,7 +181,7 @@ class FlopsModel:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _CatTracker():
                 _run(model, example_inputs, forward_fn)
         finally:
             for h in handles:

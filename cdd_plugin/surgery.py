@@ -46,11 +46,13 @@ class DGCSite:
     depthwise: Optional[str] = None
     consumers: List[str] = field(default_factory=list)
     tap: Tuple[str, str] = ("", "output")   # where the matching teacher feature is read
+    consumer_shares: Dict[str, int] = field(default_factory=dict)  # input features of each consumer from this set
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "channels": self.channels, "host": self.host,
                 "producer": self.producer, "norm": self.norm, "depthwise": self.depthwise,
-                "consumers": list(self.consumers), "tap": list(self.tap)}
+                "consumers": list(self.consumers), "tap": list(self.tap),
+                "consumer_shares": dict(self.consumer_shares)}
 
 
 @dataclass
@@ -139,6 +141,8 @@ class _Planner:
     def classify(self, group) -> Tuple[Optional[DGCSite], Optional[Skipped]]:
         DG = self.DG
         producers, depthwise, consumers, norms, others = [], [], [], [], []
+        shares: Dict[str, int] = {}
+        self.last_shares = shares
         reaches_output = False
         for dep, _idxs in group:
             mod = dep.target.module
@@ -160,6 +164,7 @@ class _Planner:
                     producers.append(mod)
                 else:
                     consumers.append(mod)
+                    shares[self.name_of.get(mod, "?")] = len(_idxs)
             elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
                                   nn.GroupNorm, nn.LayerNorm)) or (self.customized and isinstance(mod, self.customized)):
                 norms.append(mod)
@@ -202,6 +207,10 @@ class _Planner:
             if len(depthwise) > 1:
                 return skip("a chain of several depthwise convolutions is not supported", [pname])
             dw = depthwise[0]
+            if dw.out_channels != channels:
+                return skip(f"the depthwise convolution {names([dw])[0]} carries {dw.out_channels} channels, of which "
+                            f"these {channels} are a part (concatenation); a diagonal compactor needs them alone",
+                            [pname])
             outs = self._node_outputs(dw)
             norm = outs[0] if len(outs) == 1 and isinstance(outs[0], nn.Module) and _foldable_bn(outs[0]) else None
             host = norm if norm is not None else dw
@@ -364,6 +373,8 @@ def insert_dgc(model: nn.Module, example_inputs: Any, cfg: Optional[CDDConfig] =
     seen_hosts = set()
     for group in DG.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
         site, skip = planner.classify(group)
+        if site is not None:
+            site.consumer_shares = dict(planner.last_shares)
         if site is not None and _get_module(model, site.producer) in ignored:
             skip, site = Skipped([site.producer], "listed in ignored_layers"), None
         if site is not None and site.host in seen_hosts:

@@ -31,7 +31,7 @@ class SmallNet(nn.Module):
         return self.fc(emb), emb
 
 
-X = torch.randn(4, 3, 16, 16)
+X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def _make(cfg=None, seed=0):
@@ -106,7 +106,9 @@ def test_masked_rows_shrink_to_zero_and_merge_removes_them():
         F.cross_entropy(logits, torch.arange(4) % 5).backward()
         opt.step()
         norms.append(dgc.channel_norms()[:10].max().item())
-    assert norms[-1] < 0.05 * norms[0]
+    # only the lasso pulls masked rows: lr * lasso = 0.025 per step towards zero, so after
+    # 60 steps they sit within one step of it
+    assert norms[0] > 0.9 and norms[-1] <= 0.05 * 0.5 + 1e-6
     with torch.no_grad():  # finish the job exactly, as a long schedule would
         dgc.zero_(range(10))
     merged = cdd_plugin.merge(net)

@@ -9,7 +9,8 @@ from torch import nn
 import cdd_plugin
 from cdd_plugin import CDDConfig, MergeError, SurgeryError
 
-X = torch.randn(2, 3, 64, 64)
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+X_SMALL = X[:, :, :32, :32].contiguous()
 
 
 def _randomise(model: nn.Module, state, frac=0.5, seed=0):
@@ -45,26 +46,27 @@ def _check_exact(model, state, x=X):
 
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small",
-         "vgg11_bn", "regnet_x_400mf", "efficientnet_b0", "densenet121"]
+         "regnet_x_400mf", "efficientnet_b0", "densenet121"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torchvision_architectures_merge_exactly(arch):
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)()
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    x = X_SMALL if arch in ("resnet101", "densenet121", "resnext50_32x4d") else X
     model.eval()
     with torch.no_grad():
-        before = model(X)
-    state = cdd_plugin.insert_dgc(model, X, CDDConfig())
+        before = model(x)
+    state = cdd_plugin.insert_dgc(model, x, CDDConfig())
     assert state.sites, state.report()
     with torch.no_grad():
-        after = model(X)
+        after = model(x)
     # identity initialisation: inserting DGCs changes nothing
     assert torch.allclose(before, after, atol=1e-5, rtol=1e-4)
-    dense_flops = cdd_plugin.profile(model, X)["flops"]
+    dense_flops = cdd_plugin.profile(model, x)["flops"]
     _randomise(model, state)
-    merged = _check_exact(model, state)
-    assert cdd_plugin.profile(merged, X)["flops"] < dense_flops
+    merged = _check_exact(model, state, x)
+    assert cdd_plugin.profile(merged, x)["flops"] < dense_flops
 
 
 def test_report_names_every_site_and_the_reason_for_skips():

@@ -1,0 +1,276 @@
+"""Run reports: read a run's ``summary.json`` (schema ``cdd_summary/v1``) and ``history.jsonl``,
+print the results table and (re)draw the plots.
+
+Written by the demo and the FastReID / MMPretrain adapters alike:
+
+* ``summary.json`` (or ``cdd_summary.json``)::
+
+    {"schema": "cdd_summary/v1", "framework": "demo" | "fastreid" | "mmpretrain",
+     "config": {...} | "path/to/config", "iterations": int,
+     "rows": [{"name": "teacher" | "student_unmerged" | "student_merged",
+               "metrics": {"mAP": 0-100, "R@1": 0-100, ...}, "params": int, "flops": int,
+               "latency_ms": float | null}, ...],
+     "flops_reduction": float, "params_reduction": float, "predicted_flops": int,
+     "cdd": CDDState.summary(),
+     "channels": [{"layer": str, "before": int, "after": int}, ...]   # optional: channel plot}
+
+* ``history.jsonl`` (optional): one JSON object per evaluation with ``iteration`` and any
+  of ``mAP``, ``R@1`` (0-100), ``flops`` (merged FLOPs now), ``flops_planned`` (once every
+  masked channel is zero), ``flops_dense``, ``phase`` ("teacher" / "student").
+
+Plots: ``channels.png`` (output channels per layer before / after merge, from
+``channels``) and ``history.png`` (retrieval mAP and FLOPs over training).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger("cdd_plugin.report")
+
+SCHEMA = "cdd_summary/v1"
+SUMMARY_NAMES = ("summary.json", "cdd_summary.json")
+ROW_NAMES = ("teacher", "student_unmerged", "student_merged")
+ROW_LABELS = {"teacher": "teacher", "student_unmerged": "heavy student (before merge)",
+              "student_merged": "merged student"}
+
+
+class ReportError(ValueError):
+    """A run folder or summary file cannot be used; the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def find_summary(run_dir: os.PathLike | str) -> Path:
+    """The summary file of a run folder (``summary.json`` or ``cdd_summary.json``), or a file path itself."""
+    path = Path(run_dir)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ReportError(f"run folder not found: '{run_dir}'; pass the folder a run wrote (e.g. runs/demo)")
+    for name in SUMMARY_NAMES:
+        if (path / name).is_file():
+            return path / name
+    raise ReportError(f"no {' or '.join(SUMMARY_NAMES)} in '{run_dir}': the run did not finish, or this is not a "
+                      "run folder (run `cdd demo --out DIR` or an integration's training first)")
+
+
+def validate_summary(summary: Any, source: str = "summary") -> dict:
+    """Check the ``cdd_summary/v1`` schema; raise :class:`ReportError` naming the first problem."""
+    def bad(why: str) -> ReportError:
+        return ReportError(f"{source} is not a valid {SCHEMA} summary: {why}")
+
+    if not isinstance(summary, dict):
+        raise bad(f"expected a JSON object, got {type(summary).__name__}")
+    if summary.get("schema") != SCHEMA:
+        raise bad(f"'schema' is {summary.get('schema')!r}, expected {SCHEMA!r}")
+    for key, types in (("framework", str), ("iterations", int), ("rows", list), ("flops_reduction", (int, float)),
+                       ("params_reduction", (int, float)), ("predicted_flops", int), ("cdd", dict)):
+        if key not in summary:
+            raise bad(f"missing key '{key}'")
+        if not isinstance(summary[key], types) or isinstance(summary[key], bool):
+            raise bad(f"'{key}' has type {type(summary[key]).__name__}")
+    if "config" not in summary:
+        raise bad("missing key 'config'")
+    for i, row in enumerate(summary["rows"]):
+        if not isinstance(row, dict):
+            raise bad(f"rows[{i}] is not an object")
+        for key in ("name", "metrics", "params", "flops", "latency_ms"):
+            if key not in row:
+                raise bad(f"rows[{i}] has no '{key}'")
+        if not isinstance(row["metrics"], dict):
+            raise bad(f"rows[{i}].metrics is not an object")
+        if not isinstance(row["params"], int) or not isinstance(row["flops"], int):
+            raise bad(f"rows[{i}] params / flops must be integers")
+        if row["latency_ms"] is not None and not isinstance(row["latency_ms"], (int, float)):
+            raise bad(f"rows[{i}].latency_ms must be a number or null")
+    names = [r["name"] for r in summary["rows"]]
+    missing = [n for n in ("student_unmerged", "student_merged") if n not in names]
+    if missing:
+        raise bad(f"no row named {missing[0]!r} (rows: {names})")
+    return summary
+
+
+def load_summary(path: os.PathLike | str) -> dict:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc}); the run was probably interrupted while writing it: "
+                          "rerun it") from exc
+    return validate_summary(data, str(path))
+
+
+def load_history(path: os.PathLike | str) -> List[dict]:
+    """Records of ``history.jsonl``; a damaged line (a run killed mid-write) is skipped with a warning."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s:%d is not valid JSON; skipped", path, lineno)
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------------------------- table
+
+
+def _fmt_int(n: Optional[int], scale: float, unit: str) -> str:
+    return "-" if n is None else f"{n / scale:.2f}{unit}"
+
+
+def format_table(summary: dict) -> str:
+    """The results table: one line per model with its metrics, params, FLOPs and latency."""
+    rows = summary["rows"]
+    keys: List[str] = []
+    for r in rows:
+        for k, v in r["metrics"].items():
+            if k not in keys and isinstance(v, (int, float)):
+                keys.append(k)
+    lat_keys: List[str] = []
+    for r in rows:
+        for b in (r.get("latency_ms_by_batch") or {}):
+            if b not in lat_keys:
+                lat_keys.append(b)
+    lat_keys = sorted(lat_keys, key=lambda b: int(b) if str(b).isdigit() else 0)
+    head = [("model", 29)] + [(k, 7) for k in keys] + [("params", 9), ("FLOPs", 9)]
+    head += [(f"ms@b{b}", 8) for b in lat_keys] if lat_keys else [("latency ms", 10)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(head))]
+    for r in rows:
+        cells = [ROW_LABELS.get(r["name"], r["name"]).ljust(29)]
+        cells += [(f"{r['metrics'][k]:.2f}" if isinstance(r["metrics"].get(k), (int, float)) else "-").rjust(7)
+                  for k in keys]
+        cells += [_fmt_int(r["params"], 1e6, "M").rjust(9), _fmt_int(r["flops"], 1e6, "M").rjust(9)]
+        if lat_keys:
+            by = r.get("latency_ms_by_batch") or {}
+            cells += [(f"{by[b]:.2f}" if by.get(b) is not None else "-").rjust(8) for b in lat_keys]
+        else:
+            cells += [("-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}").rjust(10)]
+        lines.append("  ".join(cells))
+    by_name = {r["name"]: r for r in rows}
+    u, m = by_name.get("student_unmerged"), by_name.get("student_merged")
+    tail = [f"merged vs heavy student: {summary['flops_reduction']:.1%} fewer FLOPs, "
+            f"{summary['params_reduction']:.1%} fewer params"]
+    if u and m:
+        deltas = [f"{k} {m['metrics'][k] - u['metrics'][k]:+.2f}" for k in keys
+                  if isinstance(u["metrics"].get(k), (int, float)) and isinstance(m["metrics"].get(k), (int, float))]
+        if deltas:
+            tail[0] += ", " + ", ".join(deltas) + " points"
+    t = by_name.get("teacher")
+    if t and m:
+        deltas = [f"{k} {m['metrics'][k] - t['metrics'][k]:+.2f}" for k in keys
+                  if isinstance(t["metrics"].get(k), (int, float)) and isinstance(m["metrics"].get(k), (int, float))]
+        if deltas:
+            tail.append("merged student vs teacher: " + ", ".join(deltas) + " points")
+    if summary.get("predicted_flops") and m and summary["predicted_flops"] != m["flops"]:
+        tail.append(f"note: CDD predicted {summary['predicted_flops']:,} FLOPs, the merged model has {m['flops']:,}")
+    return "\n".join(lines + tail)
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(records: Sequence[dict], path: os.PathLike | str, title: str = "CDD training") -> Optional[str]:
+    """PNG with retrieval mAP / R@1 (left) and the student's FLOPs (right) over training iterations.
+
+    Teacher records (``phase == "teacher"``) are drawn dashed on the metric panel when present.
+    Returns the path, or None when there is nothing to plot.
+    """
+    student = [r for r in records if r.get("phase", "student") != "teacher" and "iteration" in r]
+    teacher = [r for r in records if r.get("phase") == "teacher" and "iteration" in r]
+    if not student and not teacher:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for recs, style, who in ((teacher, "--", "teacher"), (student, "-", "student")):
+        for key, colour in (("mAP", "#2a5caa"), ("R@1", "#d1762b")):
+            pts = [(r["iteration"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax1.plot(*zip(*pts), style, color=colour, marker="o", ms=3, label=f"{who} {key}")
+    ax1.set_xlabel("iteration (of each phase)")
+    ax1.set_ylabel("retrieval metric (%)")
+    ax1.set_title("retrieval on the held-out split")
+    ax1.grid(alpha=0.3)
+    if ax1.lines:
+        ax1.legend(fontsize=8)
+    dense = next((r["flops_dense"] for r in student if r.get("flops_dense")), None)
+    scale, unit = (dense / 100.0, "% of the dense student") if dense else (1e6, "MFLOPs")
+    for key, colour, label in (("flops", "#2a5caa", "merged now (rows below threshold cut)"),
+                               ("flops_planned", "#8fa8d6", "planned (all masked rows cut)")):
+        pts = [(r["iteration"], r[key] / scale) for r in student if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax2.plot(*zip(*pts), "-", color=colour, marker="o", ms=3, label=label)
+    ax2.set_xlabel("student iteration")
+    ax2.set_ylabel(f"FLOPs ({unit})")
+    ax2.set_title("FLOPs of the student merge() would produce")
+    ax2.grid(alpha=0.3)
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no FLOPs in the history", ha="center", va="center", transform=ax2.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_plots(run_dir: os.PathLike | str, summary: Optional[dict] = None,
+                history: Optional[Sequence[dict]] = None) -> List[str]:
+    """(Re)draw ``channels.png`` and ``history.png`` in ``run_dir``; return the files written."""
+    from .profile import plot_channels
+
+    run_dir = Path(run_dir)
+    if summary is None:
+        summary = load_summary(find_summary(run_dir))
+    if history is None:
+        history = load_history(run_dir / "history.jsonl")
+    written = []
+    title = f"CDD ({summary.get('framework', '?')})"
+    channels = summary.get("channels")
+    if isinstance(channels, list) and channels:
+        written.append(plot_channels(channels, str(run_dir / "channels.png"),
+                                     title=f"{title}: output channels per layer, before / after merge"))
+    if history:
+        out = plot_history(history, run_dir / "history.png", title=f"{title}: retrieval and FLOPs over training")
+        if out:
+            written.append(out)
+    return written
+
+
+def write_summary(summary: dict, path: os.PathLike | str) -> None:
+    """Validate and write atomically (a crash never leaves half a summary behind)."""
+    validate_summary(summary, "the summary to write")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["SCHEMA", "ReportError", "find_summary", "format_table", "load_history", "load_summary", "plot_history",
+           "validate_summary", "write_plots", "write_summary"]

@@ -1,0 +1,102 @@
+"""Property test: surgery + merge on randomly generated CNNs is either exact or a clear refusal."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import cdd_plugin
+from cdd_plugin import MergeError, SurgeryError
+
+ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Identity]
+
+
+class RandomNet(nn.Module):
+    """Stages of conv/norm/activation with optional residual adds, concatenations,
+    depthwise and grouped convs, built from a hypothesis-drawn recipe."""
+
+    def __init__(self, recipe):
+        super().__init__()
+        self.recipe = recipe
+        self.blocks = nn.ModuleList()
+        c = 3
+        for spec in recipe:
+            groups = 1
+            out = spec["width"]
+            if spec["conv"] == "depthwise":
+                out, groups = c, c
+            elif spec["conv"] == "grouped" and c % 2 == 0 and out % 2 == 0:
+                groups = 2
+            layers = [nn.Conv2d(c, out, spec["kernel"], stride=spec["stride"], padding=spec["kernel"] // 2,
+                                groups=groups, bias=spec["bias"])]
+            if spec["norm"] == "bn":
+                layers.append(nn.BatchNorm2d(out))
+            elif spec["norm"] == "in":
+                layers.append(nn.InstanceNorm2d(out, affine=True))
+            elif spec["norm"] == "gn" and out % 2 == 0:
+                layers.append(nn.GroupNorm(2, out))
+            layers.append(ACTS[spec["act"]]())
+            block = nn.Sequential(*layers)
+            block.residual = spec["residual"] and spec["stride"] == 1 and out == c
+            block.concat = spec["concat"] and spec["stride"] == 1 and not block.residual
+            self.blocks.append(block)
+            c = out + c if block.concat else out
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            y = block(x)
+            if block.residual:
+                y = y + x
+            elif block.concat:
+                y = torch.cat([y, x], 1)
+            x = y
+        return self.head(x.mean((2, 3)))
+
+
+block = st.fixed_dictionaries({
+    "width": st.sampled_from([4, 6, 8, 12]),
+    "kernel": st.sampled_from([1, 3]),
+    "stride": st.sampled_from([1, 1, 2]),
+    "conv": st.sampled_from(["dense", "dense", "depthwise", "grouped"]),
+    "bias": st.booleans(),
+    "norm": st.sampled_from(["bn", "bn", "in", "gn", "none"]),
+    "act": st.integers(0, len(ACTS) - 1),
+    "residual": st.booleans(),
+    "concat": st.booleans(),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recipe=st.lists(block, min_size=1, max_size=6), seed=st.integers(0, 10_000))
+def test_random_cnn_merges_exactly_or_is_refused_clearly(recipe, seed):
+    torch.manual_seed(seed)
+    model = RandomNet(recipe)
+    x = torch.randn(2, 3, 12, 12)
+    try:
+        state = cdd_plugin.insert_dgc(model, x)
+    except SurgeryError as exc:
+        assert "Fix" in str(exc) or "cannot" in str(exc) or "no channel set" in str(exc)
+        return
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm)):
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.normal_(0, 0.5, generator=g)
+                    m.running_var.uniform_(0.5, 2.0, generator=g)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0, 0.5, generator=g)
+        for d in state.compactors.values():
+            d.weight.add_(0.1 * torch.randn(d.weight.shape, generator=g))
+            d.zero_(torch.randperm(d.channels, generator=g)[: d.channels // 2].tolist())
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    merged = cdd_plugin.merge(model)
+    with torch.no_grad():
+        y2 = merged(x)
+    assert y.shape == y2.shape
+    assert (y - y2).abs().max().item() <= 1e-4 * max(1.0, y.abs().max().item())
+    assert cdd_plugin.profile(merged, x)["flops"] == state.predicted_flops()
