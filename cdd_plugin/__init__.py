@@ -21,9 +21,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # the distiller pulls in more; import it on first use
-    if name in ("CDDDistiller", "LossConfig"):
-        from . import distill
+def __getattr__(name):  # heavier parts are imported on first use
+    import importlib
 
-        return getattr(distill, name)
+    if name in ("CDDDistiller", "LossConfig"):
+        return getattr(importlib.import_module(".distill", __name__), name)
+    if name in ("distill", "evaluation", "datasets"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cdd_plugin' has no attribute {name!r}")

@@ -1,0 +1,228 @@
+"""Speed of every CDD stage, side by side in one run, as ratios.
+
+    python benchmarks/bench_speed.py [--quick] [--json PATH] [--arch resnet50] [--input 256x128] [--batch 16]
+
+1. training step: CDD + RGGR (DGCs, all losses, mask refresh every step) vs KD only
+   (the same teacher, student and batch, no DGCs);
+2. RGGR selection: vectorised vs the per-sample loop form;
+3. latency of the merged student vs the unmerged student (with DGCs) vs the original
+   dense student, set against the FLOPs ratio (channels zeroed to a 65% FLOPs cut by DGC
+   norm, as at the end of CDD training: speed depends on shapes, not on how they were found);
+4. time to merge a ResNet-50 and a ResNet-101.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import cdd_plugin
+from cdd_plugin.distill import kd_loss, total_loss, triplet_loss
+from cdd_plugin.rggr import select_unimportant, select_unimportant_loop
+
+
+class ReIDNet(nn.Module):
+    """torchvision ResNet as a re-ID network: (logits, BN-neck embedding)."""
+
+    def __init__(self, arch: str, classes: int):
+        super().__init__()
+        base = getattr(torchvision.models, arch)()
+        dim = base.fc.in_features
+        base.fc = nn.Identity()
+        self.backbone = base
+        self.neck = nn.BatchNorm1d(dim)
+        self.classifier = nn.Linear(dim, classes, bias=False)
+
+    def forward(self, x):
+        emb = self.backbone(x)
+        return self.classifier(self.neck(emb)), emb
+
+
+def _median_time(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_step(arch, size, batch, classes, repeats, queue):
+    torch.manual_seed(0)
+    teacher = ReIDNet(arch, classes)
+    x = torch.randn(batch, 3, *size)
+    y = torch.arange(batch) % (batch // 4)
+
+    kd_student = copy.deepcopy(teacher).train()
+    kd_opt = torch.optim.SGD(kd_student.parameters(), lr=0.01, momentum=0.9)
+    teacher.eval()
+
+    def kd_step():
+        with torch.no_grad():
+            t_logits, _ = teacher(x)
+        s_logits, s_emb = kd_student(x)
+        loss = F.cross_entropy(s_logits, y, label_smoothing=0.1) + triplet_loss(s_emb, y) + kd_loss(s_logits, t_logits, 2.0)
+        kd_opt.zero_grad()
+        loss.backward()
+        kd_opt.step()
+
+    cdd_student = copy.deepcopy(teacher)
+    state = cdd_plugin.insert_dgc(cdd_student, x[:2], cdd_plugin.CDDConfig(queue_size=queue, flops_target=0.35))
+    distiller = cdd_plugin.CDDDistiller(cdd_student, teacher, state).train()
+    cdd_opt = cdd_plugin.RGGROptimizer(torch.optim.SGD(cdd_plugin.param_groups(cdd_student, 0.01), lr=0.01,
+                                                        momentum=0.9), state)
+
+    def cdd_step():
+        losses = distiller(x, y)
+        cdd_opt.zero_grad()
+        total_loss(losses).backward()
+        cdd_opt.step()
+
+    # interleave the two so that machine noise hits both alike
+    t_kd, t_cdd = [], []
+    kd_step(), cdd_step()
+    for _ in range(repeats):
+        t_kd.append(_median_time(kd_step, 1, 0))
+        t_cdd.append(_median_time(cdd_step, 1, 0))
+    kd, cdd = statistics.median(t_kd), statistics.median(t_cdd)
+    return {"arch": arch, "input": list(size), "batch": batch, "sites": len(state.sites),
+            "kd_step_s": kd, "cdd_step_s": cdd, "ratio": cdd / kd, "queue_size": queue}
+
+
+def bench_selection(batch, channels, bank, repeats):
+    rows = []
+    for C in channels:
+        g = torch.Generator().manual_seed(C)
+        profile = torch.logspace(0, -3, C)[torch.randperm(C, generator=g)]
+        s = torch.rand(batch, C, generator=g) * profile
+        t = torch.rand(batch, C, generator=g)
+        b = torch.cat([torch.rand(bank - batch, C, generator=g), t])
+        tv = _median_time(lambda: select_unimportant(s, t, b, 2, 0.5), repeats)
+        tl = _median_time(lambda: select_unimportant_loop(s, t, b, 2, 0.5), max(1, repeats // 2), warmup=0)
+        same = bool(torch.equal(select_unimportant(s, t, b, 2, 0.5), select_unimportant_loop(s, t, b, 2, 0.5)))
+        rows.append({"channels": C, "vectorised_ms": tv * 1e3, "loop_ms": tl * 1e3, "speedup": tl / tv, "equal": same})
+    return rows
+
+
+def _compress(model, state, keep):
+    """Zero the smallest DGC rows until merged FLOPs <= keep x dense (global norm ranking)."""
+    target = keep * state.dense_flops()
+    order = sorted(((float(n), name, c) for name, d in state.compactors.items()
+                    for c, n in enumerate(d.channel_norms().tolist())))
+    kept = {n: d.channels for n, d in state.compactors.items()}
+    chosen = {n: [] for n in kept}
+    for _, name, c in order:
+        if state.predicted_flops(kept) <= target:
+            break
+        if kept[name] > 1:
+            kept[name] -= 1
+            chosen[name].append(c)
+    for name, chans in chosen.items():
+        state.compactors[name].zero_(chans)
+
+
+def bench_latency(arch, size, batches, keep, runs):
+    torch.manual_seed(0)
+    dense = getattr(torchvision.models, arch)().eval()
+    student = copy.deepcopy(dense)
+    x = torch.randn(1, 3, *size)
+    state = cdd_plugin.insert_dgc(student, x)
+    with torch.no_grad():
+        for d in state.compactors.values():
+            d.weight.add_(0.01 * torch.randn_like(d.weight))
+    _compress(student, state, keep)
+    merged = cdd_plugin.merge(student)
+    out = {"arch": arch, "input": list(size), "keep_target": keep}
+    f_dense = cdd_plugin.profile(dense, x)["flops"]
+    f_merged = cdd_plugin.profile(merged, x)["flops"]
+    out["flops_dense"], out["flops_merged"] = f_dense, f_merged
+    out["flops_ratio"] = f_dense / f_merged
+    for b in batches:
+        xb = torch.randn(b, 3, *size)
+        t_dense = cdd_plugin.profile(dense, xb, latency=True, runs=runs)["latency_ms"]
+        t_unmerged = cdd_plugin.profile(student, xb, latency=True, runs=runs)["latency_ms"]
+        t_merged = cdd_plugin.profile(merged, xb, latency=True, runs=runs)["latency_ms"]
+        out[f"batch{b}"] = {"dense_ms": t_dense, "unmerged_ms": t_unmerged, "merged_ms": t_merged,
+                            "speedup_vs_dense": t_dense / t_merged,
+                            "speedup_over_flops_ratio": (t_dense / t_merged) / out["flops_ratio"]}
+    return out
+
+
+def bench_merge(archs, size, repeats):
+    rows = []
+    for arch in archs:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, arch)()
+        state = cdd_plugin.insert_dgc(model, torch.randn(1, 3, *size))
+        _compress(model, state, 0.35)
+        t = _median_time(lambda: cdd_plugin.merge(model), repeats, warmup=0)
+        rows.append({"arch": arch, "merge_s": t})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes; finishes within ~3 minutes on 2 CPU cores")
+    ap.add_argument("--json", help="write every figure to this JSON file")
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--input", default="256x128", help="HxW of the training/latency input")
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args(argv)
+    h, w = (int(v) for v in args.input.lower().split("x"))
+    if args.quick:
+        size, batch, repeats, queue, channels, runs = (128, 64), 8, 3, 4000, [64, 256], 5
+    else:
+        size, batch, repeats, queue, channels, runs = (h, w), args.batch, 5, 24000, [64, 256, 512], 10
+    device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
+             f"{torch.get_num_threads()} threads"
+    print(f"cdd_plugin speed benchmark ({'quick' if args.quick else 'full'}) on {device}")
+    res = {"device": device, "quick": args.quick}
+
+    print(f"\n[1] training step, {args.arch} {size[0]}x{size[1]}, batch {batch} (median of {repeats})")
+    res["step"] = bench_step(args.arch, size, batch, 751, repeats, queue)
+    s = res["step"]
+    print(f"    KD only      {s['kd_step_s']:.3f} s/it\n    CDD + RGGR   {s['cdd_step_s']:.3f} s/it   "
+          f"({s['sites']} DGC sites, queue {queue})\n    ratio        {s['ratio']:.3f}  (target <= 1.10)")
+
+    print(f"\n[2] RGGR selection, B=64, N={24000 if not args.quick else 24000}, K=2")
+    res["selection"] = bench_selection(64, channels, 24000, 3)
+    for r in res["selection"]:
+        print(f"    C={r['channels']:<4} vectorised {r['vectorised_ms']:8.1f} ms   loop {r['loop_ms']:9.1f} ms   "
+              f"x{r['speedup']:.1f}   equal={r['equal']}")
+
+    print(f"\n[3] latency, {args.arch} {size[0]}x{size[1]}, channels cut to ~35% of the FLOPs")
+    res["latency"] = bench_latency(args.arch, size, [1, 32] if not args.quick else [1, 8], 0.35, runs)
+    L = res["latency"]
+    print(f"    FLOPs dense {L['flops_dense'] / 1e9:.3f} G, merged {L['flops_merged'] / 1e9:.3f} G "
+          f"(reduction x{L['flops_ratio']:.2f})")
+    for key in [k for k in L if k.startswith("batch")]:
+        r = L[key]
+        print(f"    {key:<8} dense {r['dense_ms']:8.1f} ms  unmerged {r['unmerged_ms']:8.1f} ms  merged "
+              f"{r['merged_ms']:8.1f} ms  speed-up x{r['speedup_vs_dense']:.2f} = "
+              f"{r['speedup_over_flops_ratio']:.2f} of the FLOPs reduction (target >= 0.8)")
+
+    print("\n[4] time to merge")
+    res["merge"] = bench_merge(["resnet50", "resnet101"] if not args.quick else ["resnet50"], size, 1 if args.quick else 3)
+    for r in res["merge"]:
+        print(f"    {r['arch']:<10} {r['merge_s']:.2f} s  (target < 5 s for resnet50)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
