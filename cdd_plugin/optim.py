@@ -47,6 +47,13 @@ class _RGGRMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        bad = [n for n, d in self.cdd.compactors.items() if d.weight.grad is not None
+               and not torch.isfinite(d.weight.grad).all()]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite gradients at iteration {self.cdd.iteration} (first at {bad[0]}); the step was not taken, "
+                "so weights and masks are unchanged. Fix: lower the learning rate, check the inputs for NaNs, or "
+                "train with torch.amp.GradScaler, which skips such steps")
         self.cdd.on_step()
         self.cdd.reset_gradients()
         super().step()
