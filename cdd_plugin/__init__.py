@@ -5,7 +5,7 @@ Public API (see docs/API.md): ``CDDConfig``, ``insert_dgc``, ``RGGROptimizer``,
 """
 from .config import CDDConfig, ConfigError
 from .dgc import DGC
-from .merge import MergeError, load_merged, merge, save_merged
+from .merge import MergeError, load_merged, merge, read_merged, save_merged
 from .optim import RGGROptimizer, param_groups
 from .profile import channel_table, plot_channels, profile
 from .state import CDDState
@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CDDConfig", "ConfigError", "CDDState", "DGC", "DGCSite", "MergeError", "RGGROptimizer", "SurgeryError",
-    "channel_table", "insert_dgc", "load_merged", "merge", "param_groups", "plot_channels", "profile", "rggr",
-    "save_merged",
+    "channel_table", "insert_dgc", "load_merged", "merge", "param_groups", "plot_channels", "profile", "read_merged",
+    "rggr", "save_merged",
 ]
 
 

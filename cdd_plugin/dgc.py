@@ -126,3 +126,33 @@ def apply_output_dgc(module: nn.Module, inputs, output):
 def apply_input_dgc(module: nn.Module, inputs):
     """Forward pre-hook: route a consumer's first input through its DGC."""
     return (module.cdd_dgc(inputs[0]),) + tuple(inputs[1:])
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+
+
+def tap_output(module: nn.Module, inputs, output):
+    """Forward hook of the distiller: while it collects, keep the pooled output on the module
+    itself (so copies of a model tap into their own modules, and nothing is kept otherwise)."""
+    if module.__dict__.get("_cdd_tap_on"):
+        module._cdd_tap = _pool(output)
+
+
+def tap_input(module: nn.Module, inputs):
+    """Forward pre-hook of the distiller (runs after a DGC pre-hook: sees the compacted input)."""
+    if module.__dict__.get("_cdd_tap_on"):
+        module._cdd_tap = _pool(inputs[0])
+
+
+CDD_HOOKS = (apply_output_dgc, apply_input_dgc, tap_output, tap_input)
+
+
+def strip_cdd_hooks(model: nn.Module) -> None:
+    """Remove every cdd_plugin hook (DGC routing and feature taps) from a model's modules."""
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if fn in CDD_HOOKS]:
+                del hooks[key]
+        for attr in ("_cdd_tap", "_cdd_tap_on"):
+            m.__dict__.pop(attr, None)

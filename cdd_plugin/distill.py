@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
+from .dgc import _pool, tap_input, tap_output
 from .state import CDDState
 
 logger = logging.getLogger("cdd_plugin")
@@ -112,10 +113,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * (T * T)
 
 
-def _pool(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
-
-
 def _channels_at(module: nn.Module, where: str) -> Optional[int]:
     if where == "input":
         return getattr(module, "in_channels", getattr(module, "in_features", None))
@@ -146,10 +143,7 @@ class CDDDistiller(nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        self._s_feats: Dict[str, torch.Tensor] = {}
-        self._t_feats: Dict[str, torch.Tensor] = {}
         self.pairs, self.unpaired = self._pair()
-        self._handles = []
         self._install_hooks()
 
     # -- pairing -------------------------------------------------------------------------
@@ -180,24 +174,37 @@ class CDDDistiller(nn.Module):
     def _install_hooks(self) -> None:
         s_mods = dict(self.student.named_modules())
         t_mods = dict(self.teacher.named_modules())
+        self._taps: Dict[str, Tuple[str, Optional[str]]] = {}
         for site in self.cdd.sites:
             sname, where = site.tap
-            self._handles.append(self._hook(s_mods[sname], where, self._s_feats, site.name))
-            if site.name in self.pairs:
-                tname = self.pairs[site.name][2]
-                self._handles.append(self._hook(t_mods[tname], where, self._t_feats, site.name))
+            tname = self.pairs[site.name][2] if site.name in self.pairs else None
+            self._taps[site.name] = (sname, tname)
+            for mod in ([s_mods[sname]] + ([t_mods[tname]] if tname else [])):
+                if where == "input":
+                    mod.register_forward_pre_hook(tap_input)
+                else:
+                    mod.register_forward_hook(tap_output)
 
-    @staticmethod
-    def _hook(module: nn.Module, where: str, store: Dict[str, torch.Tensor], key: str):
-        if where == "input":
-            def pre(m, inputs):
-                # runs after the DGC pre-hook: sees the compacted input
-                store[key] = _pool(inputs[0])
-            return module.register_forward_pre_hook(pre)
+    def _arm(self, on: bool) -> None:
+        for sname, tname in self._taps.values():
+            for root, name in ((self.student, sname), (self.teacher, tname)):
+                if name is not None:
+                    mod = root.get_submodule(name)
+                    mod._cdd_tap_on = on
+                    if not on:
+                        mod.__dict__.pop("_cdd_tap", None)
 
-        def post(m, inputs, output):
-            store[key] = _pool(output)
-        return module.register_forward_hook(post)
+    def _collect(self, root: nn.Module, teacher: bool) -> Dict[str, torch.Tensor]:
+        feats = {}
+        for site, (sname, tname) in self._taps.items():
+            name = tname if teacher else sname
+            if name is None:
+                continue
+            mod = root.get_submodule(name)
+            t = mod.__dict__.pop("_cdd_tap", None)
+            if t is not None:
+                feats[site] = t
+        return feats
 
     def train(self, mode: bool = True) -> "CDDDistiller":
         super().train(mode)
@@ -209,11 +216,15 @@ class CDDDistiller(nn.Module):
         if not self.training:
             return self.student_forward(self.student, images, labels)[1]
         cfg = self.losses
-        self._s_feats.clear()
-        self._t_feats.clear()
-        with torch.no_grad():
-            t_logits, t_emb = self.teacher_forward(self.teacher, images, labels)
-        s_logits, s_emb = self.student_forward(self.student, images, labels)
+        self._arm(True)
+        try:
+            with torch.no_grad():
+                t_logits, t_emb = self.teacher_forward(self.teacher, images, labels)
+            t_feats = self._collect(self.teacher, teacher=True)
+            s_logits, s_emb = self.student_forward(self.student, images, labels)
+            s_feats = self._collect(self.student, teacher=False)
+        finally:
+            self._arm(False)
         out: Dict[str, torch.Tensor] = {}
         if cfg.ce_weight > 0:
             if s_logits is None:
@@ -239,12 +250,12 @@ class CDDDistiller(nn.Module):
                                  "kd_weight=0")
             out["loss_kd"] = cfg.kd_weight * kd_loss(s_logits, t_logits, cfg.temperature)
         if cfg.feat_weight > 0 and self.pairs:
-            terms = [(self._s_feats[n].float() - self._t_feats[n].float()).norm(dim=1).mean()
-                     for n in self.pairs if n in self._s_feats and n in self._t_feats]
+            terms = [(s_feats[n].float() - t_feats[n].float()).norm(dim=1).mean()
+                     for n in self.pairs if n in s_feats and n in t_feats]
             if terms:
                 out["loss_feat"] = cfg.feat_weight * torch.stack(terms).sum()
-        self.cdd.observe({n: f.detach() for n, f in self._s_feats.items()},
-                         {n: f.detach() for n, f in self._t_feats.items()})
+        self.cdd.observe({n: f.detach() for n, f in s_feats.items()},
+                         {n: f.detach() for n, f in t_feats.items()})
         out["cdd_sparsity"] = torch.tensor(self.cdd.lasso_value(), device=s_emb.device)
         return out
 

@@ -11,7 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .dgc import DGC
+from .dgc import DGC, strip_cdd_hooks
 from .surgery import _get_module, _run, _set_module, build_graph, detach, find_dgcs
 
 logger = logging.getLogger("cdd_plugin")
@@ -158,6 +158,7 @@ def merge(model: nn.Module, *, inplace: bool = False, threshold: Optional[float]
                 layer = _get_module(work, site["depthwise"] or site["producer"])
             group = DG.get_pruning_group(layer, _prune_fn(layer, site["kind"]), sorted(zero))
             group.prune()
+    strip_cdd_hooks(work)
     work.eval()
     for attr in ("_cdd_example_inputs", "_cdd_customized_pruners", "_cdd_forward_fn"):
         if hasattr(work, attr):
@@ -279,10 +280,16 @@ def read_merged(path: str) -> dict:
     return payload
 
 
-def load_merged(path: str, model: nn.Module) -> nn.Module:
+def load_merged(path, model: nn.Module) -> nn.Module:
     """Rebuild the narrow network on ``model`` (a fresh dense instance of the student
-    architecture, without DGCs) from the file's channel plan, load its weights, return it."""
-    payload = read_merged(path)
+    architecture, without DGCs) from the file's channel plan, load its weights, return it.
+    ``path`` may also be the dict ``read_merged`` returned."""
+    if isinstance(path, dict):
+        payload, path = path, "<merged payload>"
+        if payload.get("format") != FORMAT:
+            raise ValueError("the payload is not a cdd_plugin merged model; pass read_merged(path) or a path")
+    else:
+        payload = read_merged(path)
     plan: Dict[str, dict] = payload["plan"]
     names = dict(model.named_modules())
     missing = [n for n in plan if n not in names and n.rpartition(".")[0] not in plan]

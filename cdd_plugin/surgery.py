@@ -173,7 +173,8 @@ class _Planner:
             else:
                 others.append((type(mod).__name__, mod))
         names = lambda ms: [self.name_of.get(m, type(m).__name__) for m in ms]  # noqa: E731
-        root = names(producers or depthwise or consumers) or ["?"]
+        root_mod = group[0].dep.target.module if len(group) else None
+        root = names(producers or depthwise or consumers) or [self.name_of.get(root_mod, type(root_mod).__name__)]
 
         def skip(reason: str, layers=None) -> Tuple[None, Skipped]:
             return None, Skipped(layers or root, reason)
