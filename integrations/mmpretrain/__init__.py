@@ -1,0 +1,42 @@
+"""cdd_plugin for MMPretrain / mmengine.
+
+Importing this module registers (a config pulls it in with
+``custom_imports = dict(imports=['cdd_plugin.integrations.mmpretrain'], allow_failed_imports=False)``):
+
+* MODELS: ``CDDRetriever`` (teacher + heavy student with DGCs, CDD losses),
+  ``EmbeddingRetriever`` (an ``ImageToImageRetriever`` whose predictions carry embeddings;
+  the teacher config trains one)
+* OPTIM_WRAPPERS: ``CDDOptimWrapper``, ``CDDAmpOptimWrapper`` (RGGR gradient step);
+  OPTIM_WRAPPER_CONSTRUCTORS: ``CDDOptimWrapperConstructor`` (binds them to the model)
+* HOOKS: ``CDDHook`` (CDD figures in the logs; merge, evaluation, ``model_merged.pth`` and
+  ``cdd_summary.json`` after training; loads merged files for ``mim test``)
+* DATASETS: ``StanfordOnlineProducts``, ``Market1501``; DATA_SAMPLERS: ``PKBatchSampler``
+* METRICS: ``SOPRecall`` (Recall@K, own image excluded), ``ReIDMetric`` (mAP/mINP/CMC)
+
+It also allow-lists, for ``torch.load(weights_only=True)`` (torch's default), the few
+non-tensor types inside mmengine's own checkpoints, so resume works safely
+(see ``checkpoint.py``).
+"""
+try:
+    import mmengine  # noqa: F401
+    import mmpretrain  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"cdd_plugin.integrations.mmpretrain needs MMPretrain and mmengine ({exc}). Fix: run `make install`, or "
+        "`pip install -e '.[mmpretrain]'` in the cdd_plugin repository (mmengine==0.10.7, mmcv-lite==2.2.0, "
+        "mmpretrain==1.2.0, openmim==0.3.9, numpy<2.4, setuptools<81)") from exc
+
+from .checkpoint import MMENGINE_SAFE_GLOBALS, allow_mmengine_checkpoints
+from .datasets import Market1501, PKBatchSampler, StanfordOnlineProducts
+from .hooks import CDDHook
+from .metrics import ReIDMetric, SOPRecall
+from .model import CDDRetriever, EmbeddingRetriever, RetrievalNet
+from .optim import CDDAmpOptimWrapper, CDDOptimWrapper, CDDOptimWrapperConstructor
+
+allow_mmengine_checkpoints()
+
+__all__ = [
+    "CDDAmpOptimWrapper", "CDDHook", "CDDOptimWrapper", "CDDOptimWrapperConstructor", "CDDRetriever",
+    "EmbeddingRetriever", "MMENGINE_SAFE_GLOBALS", "Market1501", "PKBatchSampler", "ReIDMetric", "RetrievalNet",
+    "SOPRecall", "StanfordOnlineProducts", "allow_mmengine_checkpoints",
+]

@@ -1,0 +1,260 @@
+"""CDDHook: CDD logging, schedule set-up, and the merge + evaluation + export after training.
+
+During training it logs the core's ``state.summary()`` figures (``cdd_channels_active``,
+``cdd_channels_kept``, ``cdd_mflops_merged`` = MFLOPs of the model merge would produce
+now, ``cdd_flops_ratio`` = that over the dense student's) through mmengine's MessageHub,
+so they reach the logger and every visualizer backend next to the loss terms (``loss_*``
+and the logged figure ``cdd_sparsity``). After training
+it merges the student (``cdd_plugin.merge``), writes ``model_merged.pth``
+(``cdd_plugin.save_merged``), evaluates the teacher, the unmerged and the merged
+student (the merged one reloaded from that file) with the configured evaluator, and
+writes ``cdd_summary.json``. Before a test/val run whose checkpoint is a merged file,
+it rebuilds the narrow student so the runner can load it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import os.path as osp
+from typing import Dict, Optional
+
+import torch
+from mmengine.dist import barrier, is_main_process
+from mmengine.hooks import Hook
+from mmengine.runner import BaseLoop
+from mmpretrain.registry import HOOKS
+
+import cdd_plugin
+from cdd_plugin.dgc import apply_input_dgc, apply_output_dgc
+
+from .model import CDDRetriever, unwrap, is_merged_file
+from .optim import is_cdd_wrapper
+
+SUMMARY_SCHEMA = "cdd_summary/v1"
+_LOGGED = {  # state.summary() key -> logged scalar name
+    "channels_active": "cdd_channels_active",
+    "channels_kept": "cdd_channels_kept",
+    "flops_ratio": "cdd_flops_ratio",
+}
+
+
+def _load_from(runner) -> Optional[str]:
+    return getattr(runner, "_load_from", None) or runner.cfg.get("load_from")
+
+
+def _is_training(runner) -> bool:
+    """``Runner.train`` builds the train loop before ``before_run``; test/val runs do not."""
+    return isinstance(runner._train_loop, BaseLoop)
+
+
+@HOOKS.register_module()
+class CDDHook(Hook):
+    """Logs CDD figures while training; merges, evaluates and exports after training.
+
+    ``cdd_summary.json`` rows: ``teacher``, ``student_unmerged`` (the trained student with
+    its DGCs) and ``student_merged`` (the merged network, reloaded from
+    ``model_merged.pth``). ``metrics`` come from the configured evaluator (percent);
+    ``params``/``flops`` (MACs, torch-pruning's counter) and ``latency_ms`` are those of
+    the embedding network (``image_encoder``, the part retrieval runs) at batch 1 and the
+    training input size; for ``student_unmerged`` they are the student architecture's
+    without the DGCs (the uncompressed baseline that the reductions compare with).
+
+    Args:
+        interval: log the CDD figures every ``interval`` training iterations.
+        evaluate: evaluate teacher / unmerged / merged student after training with the
+            validation loop's dataloader and evaluator (the test loop's when validation
+            is off). Without either, the summary holds no metrics.
+        latency: measure the CPU forward latency (batch 1, training input size) of
+            each row; ``latency_ms`` is ``null`` otherwise.
+        latency_runs: timed runs per model (median reported).
+        merged_file, summary_file: names of the files written into the work dir.
+    """
+
+    priority = "NORMAL"  # before LoggerHook, which reads the scalars
+
+    def __init__(self, interval: int = 1, evaluate: bool = True, latency: bool = True, latency_runs: int = 10,
+                 merged_file: str = "model_merged.pth", summary_file: str = "cdd_summary.json") -> None:
+        if int(interval) < 1:
+            raise ValueError(f"CDDHook interval={interval} must be >= 1")
+        self.interval = int(interval)
+        self.evaluate = bool(evaluate)
+        self.latency = bool(latency)
+        self.latency_runs = int(latency_runs)
+        self.merged_file = merged_file
+        self.summary_file = summary_file
+
+    @staticmethod
+    def _model(runner) -> CDDRetriever:
+        model = unwrap(runner.model)
+        if not isinstance(model, CDDRetriever):
+            raise TypeError(f"CDDHook needs model type='CDDRetriever', got {type(model).__name__}; remove CDDHook "
+                            "from custom_hooks for other models")
+        return model
+
+    # -- loading a merged model for test / val -------------------------------------------
+    def before_run(self, runner) -> None:
+        model = self._model(runner)
+        path = _load_from(runner)
+        if model.merged or not is_merged_file(path):
+            return
+        if _is_training(runner):
+            raise ValueError(f"{path} is a merged (deployed) CDD model; it can be tested, not trained or resumed. "
+                             "Train from the config, or resume from a training checkpoint (epoch_N.pth / iter_N.pth)")
+        model.load_merged(path)
+        runner.logger.info(f"CDD: rebuilt the merged student from {path} (teacher and CDD state dropped)")
+
+    # -- training ------------------------------------------------------------------------
+    def before_train(self, runner) -> None:
+        model = self._model(runner)
+        if model.merged:
+            raise ValueError("the model holds a merged student; CDD training needs the heavy student (do not set "
+                             "load_from to model_merged.pth for training)")
+        if not is_cdd_wrapper(runner.optim_wrapper):
+            raise TypeError(
+                f"CDD training needs optim_wrapper type='CDDOptimWrapper' (or 'CDDAmpOptimWrapper') with "
+                f"constructor='CDDOptimWrapperConstructor'; the config built a {type(runner.optim_wrapper).__name__}, "
+                "which would never apply the RGGR gradient step")
+        state = model.cdd_state
+        _check_dgcs_applied(model)
+        if model.mask_start_epoch is not None:
+            per_epoch = len(runner.train_dataloader) / max(1, getattr(runner.optim_wrapper, "_accumulative_counts", 1))
+            state.cfg.mask_start = int(math.ceil(float(model.mask_start_epoch) * per_epoch))
+            state.cfg.validate()
+            model.mask_schedule_ready = True
+        runner.logger.info(state.report())
+        runner.logger.info(f"CDD: masks may change from optimizer step {state.cfg.mask_start} on "
+                           f"(criterion={state.cfg.criterion}); schedule position {state.iteration}")
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not self.every_n_train_iters(runner, self.interval):
+            return
+        summary = self._model(runner).cdd_state.summary()
+        for key, name in _LOGGED.items():
+            runner.message_hub.update_scalar(f"train/{name}", float(summary[key]))
+        runner.message_hub.update_scalar("train/cdd_mflops_merged", summary["flops_merged"] / 1e6)
+
+    def after_train(self, runner) -> None:
+        model = self._model(runner)
+        state = model.cdd_state
+        work_dir = runner.work_dir
+        merged_path = osp.join(work_dir, self.merged_file)
+        cfg_path = osp.abspath(runner.cfg.filename) if runner.cfg.filename else None
+        if is_main_process():
+            merged = cdd_plugin.merge(model.student_net)
+            cdd_plugin.save_merged(merged, merged_path, meta={
+                "framework": "mmpretrain", "config": cfg_path, "iterations": int(runner.iter),
+                "input_size": list(model.input_size)})
+            runner.logger.info(f"CDD: merged student written to {merged_path}")
+        barrier()
+        narrow = cdd_plugin.load_merged(merged_path, model.build_dense_student().cpu())
+        narrow.to(model.example_inputs().device)
+
+        nets = [("teacher", model.teacher), ("student_unmerged", model.student_net), ("student_merged", narrow)]
+        metrics = {name: self._evaluate(runner, model, net) for name, net in nets}
+        if not is_main_process():
+            return
+        rows = []
+        x = model.example_inputs(1)
+        # costs of the unmerged student are those of its architecture without the DGCs
+        # (a training device that merge folds away): the uncompressed baseline
+        costs = {"teacher": model.teacher, "student_unmerged": model.build_dense_student(), "student_merged": narrow}
+        for name, _ in nets:
+            enc = costs[name].image_encoder
+            prof = cdd_plugin.profile(enc, x)
+            latency = None
+            if self.latency:
+                cpu = copy.deepcopy(enc).cpu()
+                latency = cdd_plugin.profile(cpu, x.cpu(), latency=True, warmup=2, runs=self.latency_runs)["latency_ms"]
+            rows.append({"name": name, "metrics": metrics[name], "params": int(prof["params"]),
+                         "flops": int(prof["flops"]), "latency_ms": latency})
+        by = {r["name"]: r for r in rows}
+        dense, small = by["student_unmerged"], by["student_merged"]
+        summary = {
+            "schema": SUMMARY_SCHEMA,
+            "framework": "mmpretrain",
+            "config": cfg_path,
+            "iterations": int(runner.iter),
+            "rows": rows,
+            "flops_reduction": 1.0 - small["flops"] / dense["flops"] if dense["flops"] else 0.0,
+            "params_reduction": 1.0 - small["params"] / dense["params"] if dense["params"] else 0.0,
+            "predicted_flops": int(state.predicted_flops()),
+            "cdd": state.summary(),
+        }
+        path = osp.join(work_dir, self.summary_file)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2, default=_jsonable)
+        os.replace(tmp, path)
+        runner.logger.info(_table(rows, summary))
+        runner.visualizer.add_scalars({
+            "cdd/flops_reduction": summary["flops_reduction"], "cdd/params_reduction": summary["params_reduction"]},
+            step=int(runner.iter))
+        runner.logger.info(f"CDD: summary written to {path}")
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _evaluate(self, runner, model: CDDRetriever, net) -> Dict[str, float]:
+        """The configured evaluator over the validation (else test) dataloader, with
+        predictions from ``net``."""
+        if not self.evaluate:
+            return {}
+        loop = runner.val_loop
+        if loop is None and runner._test_loop is not None:
+            loop = runner.test_loop
+        if loop is None:
+            runner.logger.warning("CDD: no validation or test loop configured; the summary has no metrics")
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in loop.dataloader:
+                    data = model.data_preprocessor(batch, False)
+                    outputs = model.predict_with(net, data["inputs"], data["data_samples"])
+                    loop.evaluator.process(data_samples=outputs, data_batch=batch)
+            result = loop.evaluator.evaluate(len(loop.dataloader.dataset))
+        finally:
+            model.train(was_training)
+        # the shared summary names metrics without the evaluator prefix ('reid/mAP' -> 'mAP')
+        return {k.split("/", 1)[-1]: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def _check_dgcs_applied(model: CDDRetriever) -> None:
+    """Every DGC must still be hooked on its host module: a framework step that replaces
+    modules after surgery (mmengine's ``sync_bn`` conversion builds new BatchNorm modules
+    and drops their forward hooks) would silently train without the compactors."""
+    for site in model.cdd_state.sites:
+        host = model.student_net.get_submodule(site.host)
+        hooks = host._forward_pre_hooks if site.kind == "in" else host._forward_hooks
+        wanted = apply_input_dgc if site.kind == "in" else apply_output_dgc
+        if not any(fn is wanted for fn in hooks.values()):
+            raise RuntimeError(
+                f"the DGC {site.name} is no longer applied: its host {site.host} ({type(host).__name__}) was replaced "
+                "after the DGCs were inserted (e.g. by sync_bn, which converts BatchNorm layers into new "
+                "SyncBatchNorm modules without their forward hooks). Fix: remove sync_bn from the config for CDD "
+                "training")
+
+
+def _jsonable(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _table(rows, summary) -> str:
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    head = f"{'model':<17} {'params':>12} {'MFLOPs':>10} {'latency ms':>11} " + " ".join(f"{k:>18}" for k in keys)
+    lines = ["CDD results:", head]
+    for r in rows:
+        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
+        vals = " ".join(f"{r['metrics'].get(k, float('nan')):>18.2f}" for k in keys)
+        lines.append(f"{r['name']:<17} {r['params']:>12,d} {r['flops'] / 1e6:>10.1f} {lat:>11} {vals}")
+    lines.append(f"FLOPs reduction {summary['flops_reduction']:.2%}, params reduction "
+                 f"{summary['params_reduction']:.2%} (merged vs unmerged student)")
+    return "\n".join(lines)
+
+
+__all__ = ["CDDHook", "SUMMARY_SCHEMA"]
