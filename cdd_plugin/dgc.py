@@ -90,6 +90,22 @@ class DGC(nn.Module):
     def lasso_value(self, lasso: float) -> torch.Tensor:
         return lasso * self.channel_norms().sum()
 
+    @torch.no_grad()
+    def reset_grad_(self, lasso: float) -> None:
+        """In place: grad = mask * grad + d(lasso * sum ||group||)/dQ (METHOD.md section 4)."""
+        w = self.weight
+        g = w.grad
+        if g is None:
+            w.grad = self.lasso_gradient(lasso).to(w.dtype)
+            return
+        m = self.mask.to(g.dtype)
+        if self.kind == "diag":
+            g.mul_(m).add_(torch.sign(w), alpha=lasso)
+        elif self.kind == "out":
+            g.mul_(m[:, None]).add_(w / w.norm(dim=1, keepdim=True).clamp_min(_EPS), alpha=lasso)
+        else:
+            g.mul_(m[None, :]).add_(w / w.norm(dim=0, keepdim=True).clamp_min(_EPS), alpha=lasso)
+
     def mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """Multiply a gradient of ``weight`` by the channel mask along the channel axis."""
         m = self.mask.to(grad.dtype)

@@ -55,7 +55,7 @@ class _RGGRMixin:
                 "so weights and masks are unchanged. Fix: lower the learning rate, check the inputs for NaNs, or "
                 "train with torch.amp.GradScaler, which skips such steps")
         self.cdd.on_step()
-        self.cdd.reset_gradients()
+        self.cdd.reset_gradients(check_finite=False)  # checked just above
         super().step()
         return loss
 

@@ -174,18 +174,15 @@ class CDDState:
         self.iteration += 1
 
     @torch.no_grad()
-    def reset_gradients(self) -> None:
-        """RGGR gradient edit: grad = mask * grad_task + lasso * Q_group / ||Q_group||."""
+    def reset_gradients(self, check_finite: bool = True) -> None:
+        """RGGR gradient edit: grad = mask * grad_task + lasso * Q_group / ||Q_group||.
+
+        A DGC whose gradient is not finite is left alone (an AMP scaler skips that step)."""
         lam = self.cfg.lasso
         for d in self.compactors.values():
-            w = d.weight
-            lasso = d.lasso_gradient(lam).to(w.dtype)
-            if w.grad is None:
-                w.grad = lasso.clone()
-            else:
-                if not torch.isfinite(w.grad).all():
-                    continue  # an overflowing AMP step is skipped by the scaler; leave it alone
-                w.grad.copy_(d.mask_gradient(w.grad) + lasso)
+            if check_finite and d.weight.grad is not None and not torch.isfinite(d.weight.grad).all():
+                continue
+            d.reset_grad_(lam)
 
     # -- mask criteria -------------------------------------------------------------------
     def _flops_met(self, active: Dict[str, int]) -> bool:
