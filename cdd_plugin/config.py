@@ -18,7 +18,11 @@ class CDDConfig:
 
     Defaults are the authors' (METHOD.md section 6). ``mask_start`` and
     ``mask_interval`` count optimizer steps (iterations), not epochs: adapters convert
-    epochs with their iterations per epoch.
+    epochs with their iterations per epoch. ``snap_to_zero`` adds the proximal step of the
+    group lasso after each optimizer step: a masked group that is within one step of zero
+    is set exactly to zero (with its momentum), instead of oscillating around zero at about
+    lr x lasso / (1 - momentum) until the learning rate decays. Set it to False for the
+    authors' plain form.
     """
 
     lasso: float = 0.004
@@ -33,6 +37,7 @@ class CDDConfig:
     flops_target: Optional[float] = None
     norm_step: int = 8
     min_channels: int = 1
+    snap_to_zero: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ class DemoNet(nn.Module):
     the residual channels are coupled and, as in the paper, not compacted.
     """
 
-    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (24, 48, 96), blocks: Sequence[int] = (2, 2, 2),
+    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (2, 2, 2),
                  stem_channels: int = 32, stem_stride: int = 2, stem_pool: bool = False, in_channels: int = 3,
                  expansion: int = 4) -> None:
         super().__init__()
@@ -153,9 +153,9 @@ class DemoConfig:
     out: str = "runs/demo"
     seed: int = 0
     quick: bool = False
-    teacher_epochs: int = 12
-    student_epochs: int = 24
-    mask_start_epoch: int = 3          # RGGR warm-up: masks may change from this epoch on
+    teacher_epochs: int = 10
+    student_epochs: int = 20
+    mask_start_epoch: int = 2          # RGGR warm-up: masks may change from this student epoch on
     lr: float = 0.05
     teacher_lr: float = 0.05
     momentum: float = 0.9
@@ -165,13 +165,13 @@ class DemoConfig:
     flops_target: float = 0.40         # stop masking once the merged student keeps <= 40% of the FLOPs
     criterion: str = "rggr"
     k: int = 2
-    ratio: float = 0.5
+    ratio: float = 0.9
     queue_size: int = 1200
     threshold: float = 1e-5
     p: int = 8                         # P x K batches: P classes / identities, K images each
-    k_instances: int = 8
+    k_instances: int = 4
     eval_every: int = 1                # epochs between evaluations (history.jsonl)
-    threads: int = 0                   # 0: min(4, CPU cores)
+    threads: int = 0                   # 0: default_threads() (half the cores, at most 4)
     latency: bool = True
     latency_batches: Tuple[int, ...] = (1, 32)
     ids: int = 64                      # Market-1501: identities in the subset (train and test each)
@@ -184,13 +184,13 @@ class DemoConfig:
         cfg = cls(data=data, quick=quick)
         if data.startswith("market1501"):
             cfg.input_size = (128, 64)
-            cfg.arch = {"widths": [24, 48, 96], "blocks": [2, 2, 2], "stem_channels": 32, "stem_stride": 2,
+            cfg.arch = {"widths": [16, 32, 64], "blocks": [2, 2, 2], "stem_channels": 32, "stem_stride": 2,
                         "stem_pool": True}
-            cfg.p, cfg.k_instances = 16, 4
-            cfg.teacher_epochs, cfg.student_epochs, cfg.mask_start_epoch = 14, 24, 4
+            cfg.teacher_epochs, cfg.student_epochs, cfg.mask_start_epoch = 12, 20, 3
+            cfg.eval_every = 4  # a re-ID evaluation embeds every query and gallery image
             cfg.queue_size = 2048
         else:
-            cfg.arch = {"widths": [24, 48, 96], "blocks": [2, 2, 2], "stem_channels": 32, "stem_stride": 2,
+            cfg.arch = {"widths": [16, 32, 64], "blocks": [2, 2, 2], "stem_channels": 32, "stem_stride": 2,
                         "stem_pool": False}
         if quick:
             cfg.arch = dict(cfg.arch, widths=[8, 16, 32], blocks=[1, 1, 1], stem_channels=16)
@@ -208,6 +208,19 @@ class DemoConfig:
         return cfg
 
     def validate(self) -> None:
+        kind, _, path = self.data.partition(":")
+        if kind not in ("digits", "market1501") or (kind == "digits" and path):
+            raise DemoError(f"unknown --data {self.data!r}; use 'digits' (the default, bundled with scikit-learn) or "
+                            "'market1501:/path/to/Market-1501-v15.09.15'")
+        if kind == "market1501":
+            if not path:
+                raise DemoError("--data market1501 needs a folder: --data market1501:/path/to/Market-1501-v15.09.15")
+            if not Path(path).expanduser().is_dir():
+                raise DemoError(f"Market-1501 folder not found: '{path}'. Pass --data market1501:/path/to/"
+                                "Market-1501-v15.09.15 (the folder with bounding_box_train/, query/, "
+                                "bounding_box_test/)")
+            if self.ids < 2:
+                raise DemoError(f"--ids {self.ids}: the re-ID subset needs at least 2 identities")
         if self.teacher_epochs < 1 or self.student_epochs < 1:
             raise DemoError("--epochs / --teacher-epochs must be >= 1")
         if not (0 <= self.mask_start_epoch < self.student_epochs):
@@ -215,6 +228,8 @@ class DemoConfig:
                             f"epoch ({self.student_epochs}); pass more --epochs")
         if not (0.0 < self.flops_target < 1.0):
             raise DemoError(f"--flops-target {self.flops_target} must lie in (0, 1) (the kept fraction of FLOPs)")
+        if self.threads < 0:
+            raise DemoError(f"--threads {self.threads} must be >= 1 (or 0 for the default)")
         if self.lasso <= 0:
             raise DemoError("--lasso must be > 0: the group lasso is what drives masked channels to zero")
 
@@ -347,8 +362,10 @@ class MarketData:
         self.train_pids = [s.pid for s in self.splits.train]
 
     def describe(self) -> str:
-        return ("Market-1501 subset (fixed identity sample, seed 0): "
-                + self.splits.summary().replace("\n", "; ") + f"; input {self.size[0]}x{self.size[1]}")
+        sp = self.splits
+        return (f"Market-1501 subset (identities sampled with seed 0): train {sp.num_train_pids} ids / "
+                f"{len(sp.train)} images; test {len({s.pid for s in sp.query})} other ids, {len(sp.query)} query / "
+                f"{len(sp.gallery)} gallery images; input {self.size[0]}x{self.size[1]}")
 
     def steps_per_epoch(self, p: int, k: int) -> int:
         return max(1, len(self.train_pids) // (p * k))
@@ -465,12 +482,11 @@ def train_teacher(model: nn.Module, data, cfg: DemoConfig, history: _History, pr
             losses.append(loss.item())
             step += 1
             bar.update(loss=f"{loss.item():.3f}")
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.teacher_epochs:
-            m = data.evaluate(model)
-            history.add({"phase": "teacher", "epoch": epoch + 1, "iteration": step, "loss": float(np.mean(losses)),
-                         **m})
-            logger.info("teacher  epoch %2d/%d  loss %.3f  mAP %.2f  R@1 %.2f", epoch + 1, cfg.teacher_epochs,
-                        np.mean(losses), m["mAP"], m["R@1"])
+        evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.teacher_epochs
+        m = data.evaluate(model) if evaluate else {}
+        history.add({"phase": "teacher", "epoch": epoch + 1, "iteration": step, "loss": float(np.mean(losses)), **m})
+        metrics = f"mAP {m['mAP']:.2f}  R@1 {m['R@1']:.2f}" if m else "(no evaluation)"
+        logger.info("teacher  epoch %2d/%d  loss %.3f  %s", epoch + 1, cfg.teacher_epochs, np.mean(losses), metrics)
     bar.close()
     model.eval()
     return model
@@ -501,26 +517,27 @@ def distil_student(student: nn.Module, teacher: nn.Module, state, data, cfg: Dem
             loss.backward()
             opt.step()
             for key, v in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(v)
+                sums[key] = sums.get(key, 0.0) + float(v.detach())
             n += 1
             step += 1
             active = sum(state.active_channels().values())
             bar.update(loss=f"{loss.item():.3f}", masked=f"{total_ch - active}/{total_ch}")
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.student_epochs:
-            m = data.evaluate(student)
-            s = state.summary()
-            rec = {"phase": "student", "epoch": epoch + 1, "iteration": state.iteration, "lr": lr,
-                   "loss": sum(v for k, v in sums.items() if k.startswith("loss")) / max(1, n),
-                   **{k: v / max(1, n) for k, v in sums.items()}, **m,
-                   "flops": s["flops_merged"], "flops_planned": s["flops_planned"], "flops_dense": dense,
-                   "channels_total": s["channels_total"], "channels_active": s["channels_active"],
-                   "channels_kept": s["channels_kept"]}
-            history.add(rec)
-            logger.info("student  epoch %2d/%d  loss %.3f  mAP %.2f  R@1 %.2f  masked %d/%d  zero %d  "
-                        "merged FLOPs now %.1f%% (planned %.1f%%) of the dense student", epoch + 1,
-                        cfg.student_epochs, rec["loss"], m["mAP"], m["R@1"], s["channels_total"] - s["channels_active"],
-                        s["channels_total"], s["channels_total"] - s["channels_kept"], 100.0 * s["flops_merged"] / dense,
-                        100.0 * s["flops_planned"] / dense)
+        evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.student_epochs
+        m = data.evaluate(student) if evaluate else {}
+        s = state.summary()
+        rec = {"phase": "student", "epoch": epoch + 1, "iteration": state.iteration, "lr": lr,
+               "loss": sum(v for k, v in sums.items() if k.startswith("loss")) / max(1, n),
+               **{k: v / max(1, n) for k, v in sums.items()}, **m,
+               "flops": s["flops_merged"], "flops_planned": s["flops_planned"], "flops_dense": dense,
+               "channels_total": s["channels_total"], "channels_active": s["channels_active"],
+               "channels_kept": s["channels_kept"]}
+        history.add(rec)
+        metrics = f"mAP {m['mAP']:.2f}  R@1 {m['R@1']:.2f}" if m else "(no evaluation)"
+        logger.info("student  epoch %2d/%d  loss %.3f  %s  masked %d/%d  zero %d  merged FLOPs now %.1f%% "
+                    "(planned %.1f%%) of the dense student", epoch + 1, cfg.student_epochs, rec["loss"], metrics,
+                    s["channels_total"] - s["channels_active"], s["channels_total"],
+                    s["channels_total"] - s["channels_kept"], 100.0 * s["flops_merged"] / dense,
+                    100.0 * s["flops_planned"] / dense)
     bar.close()
     distiller.eval()
     student.eval()
@@ -548,17 +565,51 @@ def _prepare_out(out: Path) -> Optional[Path]:
     return keep
 
 
-def _measure(model: nn.Module, shape: Tuple[int, int, int], cfg: DemoConfig) -> Dict[str, Any]:
-    x1 = torch.randn(1, *shape)
-    prof = cdd_plugin.profile(model, x1)
-    by_batch: Dict[str, Optional[float]] = {}
-    if cfg.latency:
-        for b in cfg.latency_batches:
-            runs = 20 if b == 1 else 5
-            by_batch[str(b)] = round(cdd_plugin.profile(model, torch.randn(b, *shape), latency=True, warmup=3,
-                                                        runs=runs)["latency_ms"], 3)
-    return {"params": int(prof["params"]), "flops": int(prof["flops"]), "latency_ms": by_batch.get("1"),
-            "latency_ms_by_batch": by_batch}
+def _measure(models: Sequence[nn.Module], shape: Tuple[int, int, int], cfg: DemoConfig) -> List[Dict[str, Any]]:
+    """Params / FLOPs (``cdd_plugin.profile``) and median CPU latency of each model per batch size.
+
+    Latency is timed in interleaved rounds (model A, B, C, A, B, C, ...), so a change in the machine's load
+    (other jobs) affects every model alike instead of whichever happened to be measured at the time."""
+    from .profile import measure_latency
+
+    out = []
+    for m in models:
+        prof = cdd_plugin.profile(m, torch.randn(1, *shape))
+        out.append({"params": int(prof["params"]), "flops": int(prof["flops"]), "latency_ms": None,
+                    "latency_ms_by_batch": {}})
+    if not cfg.latency:
+        return out
+    for b in cfg.latency_batches:
+        x = torch.randn(b, *shape)
+        rounds, runs = (10, 3) if b == 1 else (5, 1)
+        times: List[List[float]] = [[] for _ in models]
+        for m in models:
+            measure_latency(m, x, warmup=2, runs=1)
+        for _ in range(rounds):
+            for i, m in enumerate(models):
+                times[i].append(measure_latency(m, x, warmup=0, runs=runs))
+        for i, t in enumerate(times):
+            out[i]["latency_ms_by_batch"][str(b)] = round(float(np.median(t)), 3)
+    for row in out:
+        row["latency_ms"] = row["latency_ms_by_batch"].get("1")
+    return out
+
+
+def folded_dense(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` with its BatchNorms folded into the convolutions and nothing removed (a copy; same function):
+    identity DGCs are inserted into a copy and merged with threshold 0."""
+    work = copy.deepcopy(model)
+    for p in work.parameters():  # torch-pruning traces through autograd: a frozen copy would show no graph
+        p.requires_grad_(True)
+    cdd_plugin.insert_dgc(work, example, cdd_plugin.CDDConfig())
+    return cdd_plugin.merge(work, threshold=0.0)
+
+
+def default_threads() -> int:
+    """Half the CPU cores (at most 4): the demo's convolutions are small, extra threads gain little, and
+    a fully subscribed machine (other jobs, the data pipeline) makes OpenMP threads wait on each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
 
 
 def arch_meta(cfg: DemoConfig, num_classes: int) -> dict:
@@ -573,6 +624,7 @@ def run_demo(cfg: DemoConfig, progress: str = "auto") -> dict:
 
     t_start = time.perf_counter()
     out = Path(cfg.out)
+    data = load_data(cfg)  # before touching --out: a bad data set leaves an earlier run where it was
     try:
         kept = _prepare_out(out)
     except OSError as exc:
@@ -585,11 +637,10 @@ def run_demo(cfg: DemoConfig, progress: str = "auto") -> dict:
     try:
         if kept is not None:
             logger.info("files of the previous run in %s were moved to %s", out, kept)
-        threads = cfg.threads or min(4, os.cpu_count() or 1)
+        threads = cfg.threads or default_threads()
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        data = load_data(cfg)
         shape = (3, int(cfg.input_size[0]), int(cfg.input_size[1]))
         logger.info("data: %s", data.describe())
         logger.info("protocol: %s", data.protocol)
@@ -630,16 +681,19 @@ def run_demo(cfg: DemoConfig, progress: str = "auto") -> dict:
         merged = cdd_plugin.merge(student)
         cdd_plugin.save_merged(merged, str(out / "model_merged.pth"), meta=meta)
         deployed = cdd_plugin.load_merged(str(out / "model_merged.pth"), build_demo_net(**meta["arch_kwargs"]))
-        # the heavy student's deployable dense form: BN and DGCs folded, no channel removed (same function)
-        dense = cdd_plugin.merge(student, threshold=0.0)
-        models = [("teacher", teacher, teacher), ("student_unmerged", student, dense),
+        # params / FLOPs / latency of every model in its deployable form, BatchNorms folded (the merged
+        # student's are): the teacher and the heavy student without removing any channel (same function)
+        models = [("teacher", teacher, folded_dense(teacher, example)),
+                  ("student_unmerged", student, cdd_plugin.merge(student, threshold=0.0)),
                   ("student_merged", deployed, deployed)]
+        bar = _Progress(len(models) + 1, "evaluate + profile", progress)
         rows = []
-        bar = _Progress(len(models), "evaluate + profile", progress)
-        for name, evaluated, counted in models:
-            metrics = {k: round(v, 4) for k, v in data.evaluate(evaluated).items()}
-            rows.append({"name": name, "metrics": metrics, **_measure(counted, shape, cfg)})
+        for name, evaluated, _ in models:
+            rows.append({"name": name, "metrics": {k: round(v, 4) for k, v in data.evaluate(evaluated).items()}})
             bar.update()
+        for row, costs in zip(rows, _measure([c for _, _, c in models], shape, cfg)):
+            row.update(costs)
+        bar.update()
         bar.close()
         by = {r["name"]: r for r in rows}
         u, m = by["student_unmerged"], by["student_merged"]

@@ -93,6 +93,7 @@ class FlopsModel:
         c0 = 0.0
         a = np.zeros(S)
         Bm = np.zeros((S, S))
+        batch = _batch_size(example_inputs)  # torch-pruning reports FLOPs per image
         # channel composition of traced tensors along dim 1: [(site or None, channels), ...]
         segments: Dict[int, List[tuple]] = {}
         keep: List[torch.Tensor] = []
@@ -119,10 +120,14 @@ class FlopsModel:
                     per_ch = int(output.shape[0] * np.prod(output.shape[2:]))
                     out_ch, in_total = module.out_channels, module.in_channels
                 else:
-                    per_ch = 1  # torch-pruning counts a linear bias once per call, whatever the batch
+                    # torch-pruning counts a linear bias once per call, whatever the batch, then
+                    # divides the total by the batch; scale it so the model gives batch-1 counts
+                    per_ch = batch
                     out_ch, in_total = module.out_features, module.in_features
-                bias = per_ch * out_ch if (module.bias is not None and supported) else 0
-                mac = fl - bias
+                counted = (out_ch if isinstance(module, nn.Linear) else per_ch * out_ch)
+                counted = counted if (module.bias is not None and supported) else 0
+                mac = fl - counted
+                bias = counted * (batch if isinstance(module, nn.Linear) else 1)
                 if _is_depthwise(module) and o is not None:
                     a[o] += (mac + bias) / C[o]
                 else:
@@ -187,7 +192,6 @@ class FlopsModel:
             for h in handles:
                 h.remove()
             model.train(was_training)
-        batch = _batch_size(example_inputs)  # torch-pruning reports FLOPs per image
         return cls([s.name for s in sites], C, c0 / batch, a / batch, Bm / batch)
 
 

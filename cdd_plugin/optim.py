@@ -57,6 +57,7 @@ class _RGGRMixin:
         self.cdd.on_step()
         self.cdd.reset_gradients(check_finite=False)  # checked just above
         super().step()
+        self.cdd.after_step(self)
         return loss
 
     def state_dict(self):

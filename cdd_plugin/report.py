@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 logger = logging.getLogger("cdd_plugin.report")
 
@@ -129,8 +129,13 @@ def load_history(path: os.PathLike | str) -> List[dict]:
 # ---------------------------------------------------------------------------------- table
 
 
-def _fmt_int(n: Optional[int], scale: float, unit: str) -> str:
-    return "-" if n is None else f"{n / scale:.2f}{unit}"
+def _fmt_count(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
 
 
 def format_table(summary: dict) -> str:
@@ -154,7 +159,7 @@ def format_table(summary: dict) -> str:
         cells = [ROW_LABELS.get(r["name"], r["name"]).ljust(29)]
         cells += [(f"{r['metrics'][k]:.2f}" if isinstance(r["metrics"].get(k), (int, float)) else "-").rjust(7)
                   for k in keys]
-        cells += [_fmt_int(r["params"], 1e6, "M").rjust(9), _fmt_int(r["flops"], 1e6, "M").rjust(9)]
+        cells += [_fmt_count(r["params"]).rjust(9), _fmt_count(r["flops"]).rjust(9)]
         if lat_keys:
             by = r.get("latency_ms_by_batch") or {}
             cells += [(f"{by[b]:.2f}" if by.get(b) is not None else "-").rjust(8) for b in lat_keys]
@@ -176,7 +181,7 @@ def format_table(summary: dict) -> str:
                   if isinstance(t["metrics"].get(k), (int, float)) and isinstance(m["metrics"].get(k), (int, float))]
         if deltas:
             tail.append("merged student vs teacher: " + ", ".join(deltas) + " points")
-    if summary.get("predicted_flops") and m and summary["predicted_flops"] != m["flops"]:
+    if summary.get("predicted_flops") and m and abs(summary["predicted_flops"] - m["flops"]) > 1e-3 * m["flops"]:
         tail.append(f"note: CDD predicted {summary['predicted_flops']:,} FLOPs, the merged model has {m['flops']:,}")
     return "\n".join(lines + tail)
 
@@ -193,7 +198,8 @@ def _pyplot():
     return plt
 
 
-def plot_history(records: Sequence[dict], path: os.PathLike | str, title: str = "CDD training") -> Optional[str]:
+def plot_history(records: Sequence[dict], path: os.PathLike | str, title: str = "CDD training",
+                 mask_start: Optional[int] = None) -> Optional[str]:
     """PNG with retrieval mAP / R@1 (left) and the student's FLOPs (right) over training iterations.
 
     Teacher records (``phase == "teacher"``) are drawn dashed on the metric panel when present.
@@ -223,6 +229,9 @@ def plot_history(records: Sequence[dict], path: os.PathLike | str, title: str = 
         pts = [(r["iteration"], r[key] / scale) for r in student if isinstance(r.get(key), (int, float))]
         if pts:
             ax2.plot(*zip(*pts), "-", color=colour, marker="o", ms=3, label=label)
+    if mask_start is not None and ax2.lines:
+        ax2.axvline(mask_start, color="#999999", ls=":", lw=1)
+        ax2.text(mask_start, 0.02, " masks start", color="#666666", fontsize=8, transform=ax2.get_xaxis_transform())
     ax2.set_xlabel("student iteration")
     ax2.set_ylabel(f"FLOPs ({unit})")
     ax2.set_title("FLOPs of the student merge() would produce")
@@ -255,7 +264,11 @@ def write_plots(run_dir: os.PathLike | str, summary: Optional[dict] = None,
         written.append(plot_channels(channels, str(run_dir / "channels.png"),
                                      title=f"{title}: output channels per layer, before / after merge"))
     if history:
-        out = plot_history(history, run_dir / "history.png", title=f"{title}: retrieval and FLOPs over training")
+        config = summary.get("config")
+        cdd_cfg = config.get("cdd") if isinstance(config, dict) else None
+        mask_start = cdd_cfg.get("mask_start") if isinstance(cdd_cfg, dict) else None
+        out = plot_history(history, run_dir / "history.png", title=f"{title}: retrieval and FLOPs over training",
+                           mask_start=mask_start if isinstance(mask_start, int) else None)
         if out:
             written.append(out)
     return written

@@ -35,10 +35,14 @@ def _check(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int, ratio: 
         raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
 
 
-def _neighbours(t: torch.Tensor, bank: torch.Tensor, k: int, metric: str) -> torch.Tensor:
+def _neighbours(t: torch.Tensor, bank: torch.Tensor, k: int, metric: str,
+                bank_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
     k = min(k, bank.shape[0])
     if metric == "cosine":
-        sim = F.normalize(t, dim=1) @ F.normalize(bank, dim=1).t()
+        # dividing the similarities by cached row norms avoids writing a normalised copy of
+        # the whole bank (hundreds of MB for a ResNet-50 with the paper's queues) per refresh
+        norms = bank.norm(dim=1) if bank_norms is None else bank_norms
+        sim = (F.normalize(t, dim=1) @ bank.t()) / norms.clamp_min(1e-12)
         return sim.topk(k, dim=1).indices
     dist = torch.cdist(t, bank)
     return dist.topk(k, dim=1, largest=False).indices
@@ -50,11 +54,13 @@ def num_candidates(channels: int, ratio: float) -> int:
 
 @torch.no_grad()
 def select_unimportant(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int, ratio: float,
-                       metric: str = "cosine") -> torch.Tensor:
-    """Boolean [C]: True where a channel is among the ``ratio`` least contributing for every pair."""
+                       metric: str = "cosine", bank_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean [C]: True where a channel is among the ``ratio`` least contributing for every pair.
+
+    ``bank_norms`` (optional) are the bank's row norms, cached by ``MemoryQueue``."""
     _check(s, t, bank, k, ratio, metric)
     s, t, bank = s.float(), t.float(), bank.float()
-    idx = _neighbours(t, bank, k, metric)                      # [B, K]
+    idx = _neighbours(t, bank, k, metric, bank_norms)          # [B, K]
     contrib = (bank[idx] * s[:, None, :]).abs()                # [B, K, C]
     n = num_candidates(s.shape[1], ratio)
     order = torch.argsort(contrib, dim=-1, stable=True)[..., :n]
@@ -96,6 +102,7 @@ class MemoryQueue:
         self.size = int(size)
         self.channels = int(channels)
         self.data: Optional[torch.Tensor] = None
+        self.norms: Optional[torch.Tensor] = None   # row norms, kept in step with data
         self.ptr = 0
         self.count = 0
 
@@ -105,16 +112,21 @@ class MemoryQueue:
             raise ValueError(f"memory queue of {self.channels} channels got features of shape {tuple(feats.shape)}")
         if self.data is None:
             self.data = torch.zeros(self.size, self.channels, device=feats.device)
+            self.norms = torch.zeros(self.size, device=feats.device)
         if feats.shape[0] >= self.size:
             feats = feats[-self.size:]
         n = feats.shape[0]
         end = self.ptr + n
+        fn = feats.norm(dim=1)
         if end <= self.size:
             self.data[self.ptr:end] = feats
+            self.norms[self.ptr:end] = fn
         else:
             first = self.size - self.ptr
             self.data[self.ptr:] = feats[:first]
             self.data[: n - first] = feats[first:]
+            self.norms[self.ptr:] = fn[:first]
+            self.norms[: n - first] = fn[first:]
         self.ptr = end % self.size
         self.count = min(self.size, self.count + n)
 
@@ -122,6 +134,11 @@ class MemoryQueue:
         if self.data is None:
             return torch.zeros(0, self.channels)
         return self.data[: self.count] if self.count < self.size else self.data
+
+    def bank_norms(self) -> torch.Tensor:
+        if self.norms is None:
+            return torch.zeros(0)
+        return self.norms[: self.count] if self.count < self.size else self.norms
 
     def state_dict(self) -> dict:
         return {"data": None if self.data is None else self.data[: self.count].cpu().clone()
@@ -133,7 +150,8 @@ class MemoryQueue:
             raise ValueError(f"checkpoint queue size {sd['size']} differs from the configured {self.size}; "
                              "resume with the same queue_size")
         self.ptr, self.count = int(sd["ptr"]), int(sd["count"])
-        self.data = None
+        self.data = self.norms = None
         if sd["data"] is not None:
             self.data = torch.zeros(self.size, self.channels, device=device)
             self.data[: sd["data"].shape[0]] = sd["data"].to(self.data.device)
+            self.norms = self.data.norm(dim=1)

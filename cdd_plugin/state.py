@@ -184,6 +184,37 @@ class CDDState:
                 continue
             d.reset_grad_(lam)
 
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer) -> int:
+        """Proximal step of the group lasso (``snap_to_zero``): set masked groups that lie
+        within one optimizer step of zero exactly to zero, with their optimizer state.
+        Call right after the inner optimizer's ``step()``; returns how many groups snapped."""
+        if not self.cfg.snap_to_zero or self.cfg.lasso <= 0:
+            return 0
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        snapped = 0
+        for d in self.compactors.values():
+            w = d.weight
+            g = group_of.get(id(w))
+            if g is None:
+                continue
+            if "betas" in g:  # Adam-like: steps of about lr whatever the gradient scale
+                reach = g["lr"]
+            else:
+                reach = g["lr"] * self.cfg.lasso / max(1e-8, 1.0 - g.get("momentum", 0.0))
+            idx = ((d.mask == 0) & (d.channel_norms() <= reach) & (d.channel_norms() > 0)).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            d.zero_(idx.tolist())
+            for buf in optimizer.state.get(w, {}).values():
+                if isinstance(buf, torch.Tensor) and buf.shape == w.shape:
+                    if d.kind == "in":
+                        buf[:, idx] = 0
+                    else:
+                        buf[idx] = 0
+            snapped += int(idx.numel())
+        return snapped
+
     # -- mask criteria -------------------------------------------------------------------
     def _flops_met(self, active: Dict[str, int]) -> bool:
         target = self.cfg.flops_target
@@ -213,8 +244,9 @@ class CDDState:
         proposals = []
         for name, (s, t) in self._pending.items():
             d = self.compactors[name]
-            bank = self.queues[name].bank().to(s.device)
-            unimportant = select_unimportant(s, t, bank, self.cfg.k, self.cfg.ratio, self.cfg.metric)
+            queue = self.queues[name]
+            unimportant = select_unimportant(s, t, queue.bank(), self.cfg.k, self.cfg.ratio, self.cfg.metric,
+                                             bank_norms=queue.bank_norms())
             new = unimportant & (d.mask.bool().to(unimportant.device))
             if new.any():
                 norms = d.channel_norms().cpu()

@@ -246,8 +246,11 @@ class _Planner:
 def build_graph(model: nn.Module, example_inputs: Any, *, customized_pruners=None, forward_fn=None,
                 output_transform=None, ignored_layers=None) -> tp.DependencyGraph:
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     try:
+        for p in frozen:  # torch-pruning traces through autograd: a frozen model has no graph
+            p.requires_grad_(True)
         with torch.enable_grad():
             DG = tp.DependencyGraph().build_dependency(
                 model, example_inputs, forward_fn=forward_fn, output_transform=output_transform,
@@ -259,6 +262,8 @@ def build_graph(model: nn.Module, example_inputs: Any, *, customized_pruners=Non
             "shuffle) are not supported; pass the modules around them in ignored_layers, or register a "
             "customized pruner for a custom layer (customized_pruners=...)") from exc
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
     return DG
 

@@ -99,4 +99,4 @@ def test_random_cnn_merges_exactly_or_is_refused_clearly(recipe, seed):
         y2 = merged(x)
     assert y.shape == y2.shape
     assert (y - y2).abs().max().item() <= 1e-4 * max(1.0, y.abs().max().item())
-    assert cdd_plugin.profile(merged, x)["flops"] == state.predicted_flops()
+    assert cdd_plugin.profile(merged, x[:1])["flops"] == state.predicted_flops()

@@ -80,6 +80,7 @@ class CDDOptimWrapper(_CDDStep, OptimWrapper):
             self._clip_grad()
         self._cdd_step()
         self.optimizer.step(**kwargs)
+        self.cdd.after_step(self.optimizer)
 
     def state_dict(self) -> dict:
         return self._add_cdd(super().state_dict())
@@ -104,6 +105,7 @@ class CDDAmpOptimWrapper(_CDDStep, AmpOptimWrapper):
         self._cdd_step()
         self.loss_scaler.step(self.optimizer, **kwargs)
         self.loss_scaler.update(self._scale_update_param)
+        self.cdd.after_step(self.optimizer)
 
     def state_dict(self) -> dict:
         return self._add_cdd(super().state_dict())
