@@ -1,0 +1,29 @@
+"""CDD for FastReID: config node, meta-architecture, trainer, hooks, IBN support, datasets.
+
+Importing this package makes PyPI FastReID 1.4.0 usable on Python >= 3.10 / torch 2.x /
+CPU (``compat.apply``), registers the ``CDDDistiller`` meta-architecture and the
+``*Subset`` datasets. Command line (mirrors FastReID's ``tools/train_net.py``)::
+
+    python -m cdd_plugin.integrations.fastreid.train_net --config-file configs/fastreid/cdd_R50_market.yml \\
+        [--resume] [--eval-only] [--num-gpus N] [KEY VALUE ...]
+
+See ``configs/fastreid/README.md``.
+"""
+from . import compat
+
+compat.apply()
+
+from .config import add_cdd_config, cdd_configs, check_device, load_config  # noqa: E402
+from .datasets import register_subsets  # noqa: E402
+from .hooks import CDDFinalizeHook, CDDLogHook, finalize  # noqa: E402
+from .ibn import IBNPruner, PrunableIBN  # noqa: E402
+from .meta_arch import CDDDistiller, build_dense_student, build_teacher  # noqa: E402
+from .trainer import CDDTrainer  # noqa: E402
+
+register_subsets()
+
+__all__ = [
+    "CDDDistiller", "CDDFinalizeHook", "CDDLogHook", "CDDTrainer", "IBNPruner", "PrunableIBN", "add_cdd_config",
+    "build_dense_student", "build_teacher", "cdd_configs", "check_device", "finalize", "load_config",
+    "register_subsets",
+]

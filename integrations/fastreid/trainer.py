@@ -1,0 +1,134 @@
+"""``CDDTrainer``: FastReID's ``DefaultTrainer`` with CDD wired in (and FastReID made to run here).
+
+For any FastReID config (teacher training included) it
+* applies the compatibility patches (``compat.apply``) and checks the device;
+* builds the optimizer with ``contiguous=False`` (FastReID's default contiguous parameter
+  buffer silently stops updating weights on torch >= 2.0);
+* reads datasets from ``DATASETS.ROOT`` and supports the ``*Subset`` datasets.
+
+When ``MODEL.META_ARCHITECTURE`` is ``CDDDistiller`` it also
+* builds the model (DGC surgery happens there, before the optimizer exists);
+* builds FastReID's optimizer over the student (so ``HEADS_LR_FACTOR`` and
+  ``FREEZE_LAYERS`` see the student's own parameter names), exempts the DGCs from
+  weight decay and wraps it in ``cdd_plugin.RGGROptimizer``: the CDD state (masks,
+  queues, schedule) then travels in ``optimizer.state_dict()["cdd"]``, so FastReID's
+  checkpointer saves it and ``--resume`` restores it;
+* converts ``CDD.MASK_START`` from epochs to iterations;
+* adds ``CDDLogHook`` and ``CDDFinalizeHook`` (merge, evaluation, export at the end).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from . import compat
+
+compat.apply()
+
+import cdd_plugin  # noqa: E402
+from cdd_plugin import ConfigError  # noqa: E402
+from fastreid.data import build_reid_test_loader, build_reid_train_loader  # noqa: E402
+from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
+from fastreid.modeling.meta_arch import build_model  # noqa: E402
+from fastreid.solver import build_optimizer  # noqa: E402
+from fastreid.utils import comm  # noqa: E402
+
+from .config import check_device  # noqa: E402
+from .datasets import (dataset_root, is_missing_dataset, loader_kwargs, missing_dataset_error,  # noqa: E402
+                       register_subsets, using_root)
+from .hooks import CDDFinalizeHook, CDDLogHook  # noqa: E402
+from .meta_arch import find_cdd  # noqa: E402
+
+logger = logging.getLogger("fastreid.cdd")
+register_subsets()
+
+
+class CDDTrainer(DefaultTrainer):
+    """FastReID ``DefaultTrainer`` with CDD (see the module docstring)."""
+
+    #: the config file path recorded in ``cdd_summary.json`` (``train_net`` sets it)
+    config_file: Optional[str] = None
+
+    def __init__(self, cfg):
+        check_device(cfg)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)  # DefaultTrainer writes config.yaml there before anything else
+        super().__init__(cfg)
+        cdd = find_cdd(self.model)
+        if cdd is not None:
+            cdd.resolve_schedule(self.iters_per_epoch)
+
+    def resume_or_load(self, resume=True):
+        """FastReID's resume/load; for CDD, ``MODEL.WEIGHTS`` must be a CDD checkpoint (see ``CDD.STUDENT_WEIGHTS``)."""
+        weights = str(self.cfg.MODEL.WEIGHTS)
+        if find_cdd(self.model) is not None and weights and not (resume and self.checkpointer.has_checkpoint()):
+            sd = self.checkpointer._load_file(weights) if os.path.isfile(weights) else {}
+            keys = list((sd.get("model", sd) if isinstance(sd, dict) else {}).keys())
+            if keys and not any(k.startswith(("distiller.", "module.distiller.")) for k in keys):
+                raise ConfigError(f"MODEL.WEIGHTS {weights!r} is not a CDD checkpoint, so none of its weights would "
+                                  "reach the CDD model. Fix: to start the student from it set CDD.STUDENT_WEIGHTS "
+                                  "to that file and MODEL.WEIGHTS to '' (the teacher is CDD.TEACHER.WEIGHTS)")
+        return super().resume_or_load(resume=resume)
+
+    # -- builders -----------------------------------------------------------------------------
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        cdd = find_cdd(model)
+        if cdd is not None:
+            logger.info("CDD student: %d DGC sites, %d prunable channels; teacher: %s",
+                        len(cdd.state.sites), sum(s.channels for s in cdd.state.sites),
+                        type(cdd.teacher.backbone).__name__)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        cdd = find_cdd(model)
+        target = cdd.student if cdd is not None else model
+        optimizer, params = build_optimizer(cfg, target, contiguous=False)
+        if cdd is None:
+            return optimizer, params
+        dgc = {id(d.weight) for d in cdd.state.compactors.values()}
+        for group in optimizer.param_groups:  # FastReID makes one group per parameter
+            if any(id(p) in dgc for p in group["params"]):
+                group["weight_decay"] = 0.0  # the group lasso is the DGCs' regulariser
+        return cdd_plugin.RGGROptimizer(optimizer, cdd.state), params
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        names = list(cfg.DATASETS.NAMES)
+        root = dataset_root(cfg)
+        try:
+            with using_root(root):
+                return build_reid_train_loader(cfg, combineall=cfg.DATASETS.COMBINEALL, **loader_kwargs(cfg, names))
+        except (RuntimeError, AssertionError, FileNotFoundError) as exc:
+            if is_missing_dataset(exc):
+                raise missing_dataset_error(names, root, exc) from exc
+            raise
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        root = dataset_root(cfg)
+        try:
+            with using_root(root):
+                return build_reid_test_loader(cfg, dataset_name=dataset_name,
+                                              **loader_kwargs(cfg, [dataset_name]))
+        except (RuntimeError, AssertionError, FileNotFoundError) as exc:
+            if is_missing_dataset(exc):
+                raise missing_dataset_error([dataset_name], root, exc) from exc
+            raise
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        cdd = find_cdd(self.model)
+        if cdd is None:
+            return ret
+        for h in ret:  # FastReID's layer hooks address the Baseline's children: give them the student
+            if isinstance(h, hooks.LayerFreeze):
+                h.model = cdd.student
+            if isinstance(h, hooks.PreciseBN) and not h._disabled:
+                h._model = cdd.student
+        at = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), len(ret))
+        ret[at:at] = [CDDLogHook(cdd.state, self.cfg.CDD.LOG_PERIOD), CDDFinalizeHook(self.cfg, self.config_file)]
+        return ret
