@@ -180,6 +180,10 @@ class CDDDistiller(nn.Module):
             tname = self.pairs[site.name][2] if site.name in self.pairs else None
             self._taps[site.name] = (sname, tname)
             for mod in ([s_mods[sname]] + ([t_mods[tname]] if tname else [])):
+                hooks, fn = ((mod._forward_pre_hooks, tap_input) if where == "input"
+                             else (mod._forward_hooks, tap_output))
+                if fn in hooks.values():
+                    continue  # a teacher shared by several distillers is tapped once
                 if where == "input":
                     mod.register_forward_pre_hook(tap_input)
                 else:

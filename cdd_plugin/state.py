@@ -241,6 +241,8 @@ class CDDState:
         return added
 
     def _update_rggr(self) -> None:
+        if self._flops_met(self.active_channels()):
+            return
         proposals = []
         for name, (s, t) in self._pending.items():
             d = self.compactors[name]

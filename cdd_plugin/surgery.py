@@ -287,23 +287,32 @@ def detach(model: nn.Module, site_host: str) -> None:
 
 
 def _perturbed_copy(model: nn.Module) -> nn.Module:
-    """A copy whose norms and biases are far from their initial values, so an operation that
-    maps 0 to a non-zero value (a BatchNorm shift, a bias) shows up in the probe even on a
-    freshly initialised model (where a BatchNorm still maps 0 to 0)."""
-    probe = copy.deepcopy(model)
+    """A float64 copy whose norms and biases are moved away from their values, relative to
+    their own scale, so an operation that maps 0 to a non-zero value (a BatchNorm shift, a
+    bias) shows up in the probe even on a freshly initialised model (where a BatchNorm
+    still maps 0 to 0), without pushing a trained network's activations to overflow."""
+    probe = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(1234)
+
+    def noise(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)
+
     with torch.no_grad():
         for m in probe.modules():
             if isinstance(m, DGC):
                 continue
+            is_norm = isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                                     nn.GroupNorm, nn.LayerNorm))
             for pname, p in m.named_parameters(recurse=False):
-                if pname == "bias" or (pname == "weight" and isinstance(m, (nn.modules.batchnorm._BatchNorm,
-                                                                            nn.modules.instancenorm._InstanceNorm,
-                                                                            nn.GroupNorm, nn.LayerNorm))):
-                    p.copy_(torch.rand(p.shape, generator=g).to(p) + 0.5)
+                if pname == "bias":
+                    p.add_(noise(p) * p.abs().mean().clamp_min(0.1))
+                elif pname == "weight" and is_norm:
+                    p.mul_(1.0 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.device))
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g).to(m.running_mean))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g).to(m.running_var) + 0.5)
+                std = m.running_var.clamp_min(1e-6).sqrt()
+                m.running_mean.add_(noise(m.running_mean) * std)
+                m.running_var.mul_(0.5 + torch.rand(m.running_var.shape, generator=g, dtype=torch.float64)
+                                   .to(m.running_var.device))
     return probe
 
 
@@ -337,10 +346,15 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
         if s.kind != "in":
             _get_module(probe, s.name).zero_([0])
     with torch.no_grad():
-        _run(probe, example_inputs, forward_fn)
+        _run(probe, _to_double(example_inputs), forward_fn)
     for site, cname, idxs, is_conv in checks:
         for x in seen.get(cname, []):
             part = x[:, idxs] if is_conv else x[..., idxs]
+            if not torch.isfinite(part).all():
+                raise SurgeryError(f"the exactness probe overflowed at {cname} (activations too large even in "
+                                   "float64), so surgery cannot tell which compactors merge exactly. Fix: run "
+                                   "insert_dgc on a freshly initialised copy of the architecture and load the "
+                                   "trained weights afterwards")
             if part.abs().max().item() != 0.0:
                 failures[site.name] = (f"a zeroed channel reaches {cname} as non-zero values (an operation in "
                                        "between maps 0 to a non-zero value, e.g. a BatchNorm, a bias or a sigmoid); "
@@ -416,6 +430,16 @@ def insert_dgc(model: nn.Module, example_inputs: Any, cfg: Optional[CDDConfig] =
     model._cdd_forward_fn = forward_fn
     flops_model = FlopsModel.build(model, example_inputs, sites, forward_fn=forward_fn)
     return CDDState(model, sites, skipped, cfg, flops_model)
+
+
+def _to_double(x):
+    if isinstance(x, torch.Tensor):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_double(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_double(v) for k, v in x.items()}
+    return x
 
 
 def _detach_inputs(x):
