@@ -29,23 +29,7 @@ from torch import nn
 import cdd_plugin
 from cdd_plugin.distill import kd_loss, total_loss, triplet_loss
 from cdd_plugin.rggr import select_unimportant, select_unimportant_loop
-
-
-class ReIDNet(nn.Module):
-    """torchvision ResNet as a re-ID network: (logits, BN-neck embedding)."""
-
-    def __init__(self, arch: str, classes: int):
-        super().__init__()
-        base = getattr(torchvision.models, arch)()
-        dim = base.fc.in_features
-        base.fc = nn.Identity()
-        self.backbone = base
-        self.neck = nn.BatchNorm1d(dim)
-        self.classifier = nn.Linear(dim, classes, bias=False)
-
-    def forward(self, x):
-        emb = self.backbone(x)
-        return self.classifier(self.neck(emb)), emb
+from tradeoff_common import ReIDNet  # the re-ID network of the trade-off study (same folder)
 
 
 def _median_time(fn, repeats, warmup=1):

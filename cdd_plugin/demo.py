@@ -49,7 +49,7 @@ from cdd_plugin.evaluation import compute_distmat, evaluate_reid, extract_featur
 
 logger = logging.getLogger("cdd_plugin.demo")
 
-SCHEMA = "cdd_summary/v1"
+SCHEMA = "cdd_summary/v1"  # = cdd_plugin.report.SCHEMA (imported lazily below)
 RUN_FILES = ("summary.json", "history.jsonl", "model_merged.pth", "student_cdd.pth", "teacher.pth",
              "channels.png", "history.png", "demo.log")
 
@@ -695,23 +695,11 @@ def run_demo(cfg: DemoConfig, progress: str = "auto") -> dict:
             row.update(costs)
         bar.update()
         bar.close()
-        by = {r["name"]: r for r in rows}
-        u, m = by["student_unmerged"], by["student_merged"]
         channels = cdd_plugin.channel_table(build_demo_net(**meta["arch_kwargs"]), deployed)
-        summary = {
-            "schema": SCHEMA,
-            "framework": "demo",
-            "config": dict(cfg.to_dict(), cdd=ccfg.to_dict(), iterations_per_epoch=steps, threads=threads,
-                           data_description=data.describe(), protocol=data.protocol,
-                           notes=demo_notes(cfg, steps), wall_time_s=None),
-            "iterations": int(state.iteration),
-            "rows": rows,
-            "flops_reduction": 1.0 - m["flops"] / u["flops"],
-            "params_reduction": 1.0 - m["params"] / u["params"],
-            "predicted_flops": int(state.predicted_flops()),
-            "cdd": state.summary(),
-            "channels": channels,
-        }
+        config = dict(cfg.to_dict(), cdd=ccfg.to_dict(), iterations_per_epoch=steps, threads=threads,
+                      data_description=data.describe(), protocol=data.protocol,
+                      notes=demo_notes(cfg, steps), wall_time_s=None)
+        summary = report.build_summary("demo", config, state.iteration, rows, state, channels=channels)
         summary["config"]["wall_time_s"] = round(time.perf_counter() - t_start, 1)
         report.write_summary(summary, out / "summary.json")
         plots = report.write_plots(out, summary, history.records)

@@ -274,16 +274,48 @@ def write_plots(run_dir: os.PathLike | str, summary: Optional[dict] = None,
     return written
 
 
+def build_summary(framework: str, config: Any, iterations: int, rows: Sequence[dict], state, **extra) -> dict:
+    """The ``cdd_summary/v1`` record every run writes (demo, FastReID, MMPretrain).
+
+    ``rows`` hold ``student_unmerged`` and ``student_merged`` (and usually ``teacher``);
+    the reductions compare the merged student with the unmerged one."""
+    by = {r["name"]: r for r in rows}
+    if "student_unmerged" not in by or "student_merged" not in by:
+        raise ReportError("a summary needs the rows 'student_unmerged' and 'student_merged'")
+    dense, small = by["student_unmerged"], by["student_merged"]
+    summary = {
+        "schema": SCHEMA,
+        "framework": framework,
+        "config": config,
+        "iterations": int(iterations),
+        "rows": list(rows),
+        "flops_reduction": 1.0 - small["flops"] / dense["flops"] if dense["flops"] else 0.0,
+        "params_reduction": 1.0 - small["params"] / dense["params"] if dense["params"] else 0.0,
+        "predicted_flops": int(state.predicted_flops()),
+        "cdd": state.summary(),
+    }
+    summary.update(extra)
+    return summary
+
+
+def _jsonable(obj: Any):
+    if hasattr(obj, "item") and callable(obj.item):   # numpy / torch scalars
+        return obj.item()
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
 def write_summary(summary: dict, path: os.PathLike | str) -> None:
     """Validate and write atomically (a crash never leaves half a summary behind)."""
     validate_summary(summary, "the summary to write")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2)
+        json.dump(summary, fh, indent=2, default=_jsonable)
         fh.write("\n")
     os.replace(tmp, path)
 
 
-__all__ = ["SCHEMA", "ReportError", "find_summary", "format_table", "load_history", "load_summary", "plot_history",
+__all__ = ["SCHEMA", "ReportError", "build_summary", "find_summary", "format_table", "load_history", "load_summary", "plot_history",
            "validate_summary", "write_plots", "write_summary"]

@@ -12,7 +12,6 @@ trainer's ``test`` (FastReID's ReidEvaluator), writes ``OUTPUT_DIR/model_merged.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, Optional
@@ -20,6 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 
 import cdd_plugin
+from cdd_plugin import report
 from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
 
@@ -27,7 +27,7 @@ from .meta_arch import find_cdd
 
 logger = logging.getLogger("fastreid.cdd")
 
-SCHEMA = "cdd_summary/v1"
+SCHEMA = report.SCHEMA
 MERGED_FILE = "model_merged.pth"
 SUMMARY_FILE = "cdd_summary.json"
 
@@ -120,25 +120,14 @@ def finalize(trainer, cfg, config_file: Optional[str] = None) -> Optional[dict]:
         return None
 
     config = config_file or os.path.join(out_dir, "config.yaml")
-    summary = {
-        "schema": SCHEMA,
-        "framework": "fastreid",
-        "config": config,
-        "iterations": int(trainer.iter),
-        "rows": rows,
-        "flops_reduction": 1.0 - merged_row["flops"] / unmerged["flops"] if unmerged["flops"] else 0.0,
-        "params_reduction": 1.0 - merged_row["params"] / unmerged["params"] if unmerged["params"] else 0.0,
-        "predicted_flops": int(state.predicted_flops()),
-        "cdd": state.summary(),
-    }
+    summary = report.build_summary("fastreid", config, trainer.iter, rows, state)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MERGED_FILE)
     cdd_plugin.save_merged(merged, path, meta={
         "framework": "fastreid", "config": config, "iterations": int(trainer.iter),
         "num_classes": int(cdd.student.heads.weight.shape[0]),
         "input_size": [int(s) for s in cfg.INPUT.SIZE_TEST]})
-    with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    report.write_summary(summary, os.path.join(out_dir, SUMMARY_FILE))
     logger.info("CDD: wrote %s and %s\n%s", path, os.path.join(out_dir, SUMMARY_FILE), format_rows(rows))
     return summary
 

@@ -14,7 +14,6 @@ it rebuilds the narrow student so the runner can load it.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import os.path as osp
@@ -27,12 +26,13 @@ from mmengine.runner import BaseLoop
 from mmpretrain.registry import HOOKS
 
 import cdd_plugin
+from cdd_plugin import report
 from cdd_plugin.dgc import apply_input_dgc, apply_output_dgc
 
 from .model import CDDRetriever, unwrap, is_merged_file
 from .optim import is_cdd_wrapper
 
-SUMMARY_SCHEMA = "cdd_summary/v1"
+SUMMARY_SCHEMA = report.SCHEMA
 _LOGGED = {  # state.summary() key -> logged scalar name
     "channels_active": "cdd_channels_active",
     "channels_kept": "cdd_channels_kept",
@@ -169,24 +169,9 @@ class CDDHook(Hook):
                 latency = cdd_plugin.profile(cpu, x.cpu(), latency=True, warmup=2, runs=self.latency_runs)["latency_ms"]
             rows.append({"name": name, "metrics": metrics[name], "params": int(prof["params"]),
                          "flops": int(prof["flops"]), "latency_ms": latency})
-        by = {r["name"]: r for r in rows}
-        dense, small = by["student_unmerged"], by["student_merged"]
-        summary = {
-            "schema": SUMMARY_SCHEMA,
-            "framework": "mmpretrain",
-            "config": cfg_path,
-            "iterations": int(runner.iter),
-            "rows": rows,
-            "flops_reduction": 1.0 - small["flops"] / dense["flops"] if dense["flops"] else 0.0,
-            "params_reduction": 1.0 - small["params"] / dense["params"] if dense["params"] else 0.0,
-            "predicted_flops": int(state.predicted_flops()),
-            "cdd": state.summary(),
-        }
+        summary = report.build_summary("mmpretrain", cfg_path, runner.iter, rows, state)
         path = osp.join(work_dir, self.summary_file)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2, default=_jsonable)
-        os.replace(tmp, path)
+        report.write_summary(summary, path)
         runner.logger.info(_table(rows, summary))
         runner.visualizer.add_scalars({
             "cdd/flops_reduction": summary["flops_reduction"], "cdd/params_reduction": summary["params_reduction"]},
@@ -234,14 +219,6 @@ def _check_dgcs_applied(model: CDDRetriever) -> None:
                 "after the DGCs were inserted (e.g. by sync_bn, which converts BatchNorm layers into new "
                 "SyncBatchNorm modules without their forward hooks). Fix: remove sync_bn from the config for CDD "
                 "training")
-
-
-def _jsonable(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def _table(rows, summary) -> str:
