@@ -289,7 +289,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if not arch_name:
         raise CLIError(f"'{args.merged}' does not record its architecture; pass --arch (demo, torchvision:<name>, "
                        "fastreid:<config.yml>, mmpretrain:<config.py>)")
-    arch = build_arch(arch_name, num_classes=args.num_classes, meta=meta)
+    num_classes = args.num_classes or (meta.get("num_classes") if isinstance(meta.get("num_classes"), int) else None)
+    arch = build_arch(arch_name, num_classes=num_classes, meta=meta)
     shape = parse_shape(args.input) or _meta_shape(meta) or arch.input
     try:
         model = cdd_plugin.load_merged(args.merged, arch.model)
@@ -338,7 +339,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not arch_name:
         raise CLIError("pass --arch (demo, torchvision:<name>, fastreid:<config.yml>, mmpretrain:<config.py>): the "
                        "checkpoint does not record its architecture")
-    arch = build_arch(arch_name, num_classes=args.num_classes, meta=meta)
+    num_classes = args.num_classes or (meta.get("num_classes") if isinstance(meta.get("num_classes"), int) else None)
+    arch = build_arch(arch_name, num_classes=num_classes, meta=meta)
     shape = parse_shape(args.input) or _meta_shape(meta) or arch.input
     model = arch.model
     x2 = arch.inputs(2, shape)

@@ -189,6 +189,17 @@ def test_eval_only_reads_the_merged_checkpoint(merged_run, market, workdir):
     assert abs(mAP - expected["mAP"]) <= 0.1 and abs(rank1 - expected["rank1"]) <= 0.1
 
 
+def test_cdd_profile_reads_the_merged_file_with_the_fastreid_config(merged_run):
+    """`cdd profile --arch fastreid:<config>` rebuilds the narrow student and counts what the summary says."""
+    cmd = [sys.executable, "-m", "cdd_plugin.cli", "profile", str(merged_run.dir / "model_merged.pth"),
+           "--arch", f"fastreid:{CDD_YML}", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    merged = merged_run.rows["student_merged"]
+    assert result["params"] == merged["params"] and result["flops"] == merged["flops"]
+
+
 # -- resume --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_resume_restores_iteration_masks_and_queues(cdd_run, market, workdir, teacher):

@@ -27,3 +27,16 @@ __all__ = [
     "build_dense_student", "build_teacher", "cdd_configs", "check_device", "finalize", "load_config",
     "register_subsets",
 ]
+
+
+def cli_arch(spec: str, num_classes=None) -> dict:
+    """``cdd profile / merge --arch fastreid:<config.yml>``: the dense student of a FastReID
+    config (built on the CPU), with the input size, tracing forward and IBN pruner it needs."""
+    from . import ibn
+    from .meta_arch import analysis_forward, example_inputs
+
+    cfg = load_config(spec, ["MODEL.DEVICE", "cpu"])
+    model = build_dense_student(cfg, num_classes).eval()
+    return {"model": model, "input": (3, *(int(s) for s in cfg.INPUT.SIZE_TEST)),
+            "example_inputs": lambda batch: example_inputs(cfg, batch), "forward_fn": analysis_forward,
+            "customized_pruners": ibn.customized_pruners()}
