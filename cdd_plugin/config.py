@@ -12,6 +12,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the fix."""
 
 
+def build_checked(cls, data: Mapping[str, Any], what: str):
+    """``cls(**data)`` for a settings dataclass; unknown keys are an error listing the valid ones."""
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown {what} setting(s) {unknown}; valid keys are: {', '.join(valid)}")
+    return cls(**dict(data))
+
+
 @dataclass
 class CDDConfig:
     """Settings of DGC surgery, the group lasso and the mask criterion.
@@ -82,8 +91,4 @@ class CDDConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CDDConfig":
         """Build from a mapping (yaml, mmengine config); unknown keys are an error listing the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown CDD setting(s) {unknown}; valid keys are: {', '.join(valid)}")
-        return cls(**dict(data))
+        return build_checked(cls, data, "CDD")

@@ -17,14 +17,14 @@ anything else.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, build_checked
 from .dgc import _pool, tap_input, tap_output
 from .state import CDDState
 
@@ -62,11 +62,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LossConfig":
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown loss setting(s) {unknown}; valid keys are: {', '.join(valid)}")
-        return cls(**dict(data))
+        return build_checked(cls, data, "loss")
 
 
 def default_forward(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
