@@ -202,7 +202,11 @@ class CDDState:
                 reach = g["lr"]
             else:
                 reach = g["lr"] * self.cfg.lasso / max(1e-8, 1.0 - g.get("momentum", 0.0))
-            idx = ((d.mask == 0) & (d.channel_norms() <= reach) & (d.channel_norms() > 0)).nonzero().flatten()
+            masked = d.mask == 0
+            if not masked.any():
+                continue
+            norms = d.channel_norms()
+            idx = (masked & (norms <= reach) & (norms > 0)).nonzero().flatten()
             if idx.numel() == 0:
                 continue
             d.zero_(idx.tolist())
