@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -12,6 +11,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .dgc import DGC, strip_cdd_hooks
+from .files import atomic_save
 from .surgery import _get_module, _run, _set_module, build_graph, detach, find_dgcs
 
 logger = logging.getLogger("cdd_plugin")
@@ -233,22 +233,7 @@ def channel_plan(merged: nn.Module) -> Dict[str, dict]:
     return plan
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+_atomic_save = atomic_save  # kept for callers of the earlier private name
 
 
 def save_merged(merged: nn.Module, path: str, *, meta: Optional[dict] = None) -> None:
@@ -262,7 +247,7 @@ def save_merged(merged: nn.Module, path: str, *, meta: Optional[dict] = None) ->
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "plan": channel_plan(merged),
                "state_dict": {k: v.detach().cpu() for k, v in merged.state_dict().items()},
                "meta": dict(meta or {})}
-    _atomic_save(payload, path)
+    atomic_save(payload, path)
 
 
 def read_merged(path: str) -> dict:

@@ -29,6 +29,8 @@ import os
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+from .files import atomic_open
+
 logger = logging.getLogger("cdd_plugin.report")
 
 SCHEMA = "cdd_summary/v1"
@@ -309,12 +311,9 @@ def _jsonable(obj: Any):
 def write_summary(summary: dict, path: os.PathLike | str) -> None:
     """Validate and write atomically (a crash never leaves half a summary behind)."""
     validate_summary(summary, "the summary to write")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_open(path, "w") as fh:
         json.dump(summary, fh, indent=2, default=_jsonable)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 __all__ = ["SCHEMA", "ReportError", "build_summary", "find_summary", "format_table", "load_history", "load_summary", "plot_history",

@@ -380,3 +380,156 @@ def test_fastreid_checkpointer_stays_weights_only(tmp_path):
     torch.save({"model": model.state_dict(), "extra": _NotAllowed()}, bad)
     with pytest.raises(Exception, match="not loaded .*weights_only=True"):
         Checkpointer(torch.nn.Linear(2, 2)).load(str(bad))
+
+
+# -- no data loss: atomic checkpoints ------------------------------------------------------------
+class _FailsHalfWay:
+    """Pickling this raises: torch.save stops after part of the file has been written."""
+
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated)")
+
+
+def test_checkpoints_are_written_atomically_so_a_failed_save_keeps_the_last_good_one(cdd_run, tmp_path):
+    from fastreid.engine.hooks import PeriodicCheckpointer
+
+    from cdd_plugin.integrations.fastreid.checkpoint import AtomicCheckpointer
+
+    trainer = cdd_run.trainer
+    assert isinstance(trainer.checkpointer, AtomicCheckpointer)  # the one FastReID's periodic hook saves with
+    assert any(isinstance(h, PeriodicCheckpointer) and h.checkpointer is trainer.checkpointer
+               for h in trainer._hooks)
+    ckpt = AtomicCheckpointer(trainer.model, str(tmp_path), optimizer=trainer.optimizer)
+    ckpt.save("model_final", iteration=20)
+    good = (tmp_path / "model_final.pth").read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save("model_final", iteration=30, extra=_FailsHalfWay())
+    assert (tmp_path / "model_final.pth").read_bytes() == good
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]  # no temp left
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save("model_0001", extra=_FailsHalfWay())
+    assert not (tmp_path / "model_0001.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"  # still points at a whole file
+    loaded = ckpt._load_file(str(tmp_path / "model_final.pth"))
+    assert loaded["iteration"] == 20 and "cdd" in loaded["optimizer"]
+    assert oct((tmp_path / "model_final.pth").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -- mixed precision through FastReID's AMPTrainer ---------------------------------------------------
+class _ScaledLosses(torch.nn.Module):
+    """The CDD model, its losses multiplied by ``factor`` (a huge one makes the scaled gradients overflow)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.factor = model, 1.0
+
+    def forward(self, data):
+        return {k: v * self.factor for k, v in self.inner(data).items()}
+
+
+@pytest.mark.slow
+def test_fastreid_amp_trainer_unscales_before_rggr_and_skips_overflow_steps(market, workdir, teacher, monkeypatch):
+    """FastReID's own ``AMPTrainer.run_step`` with a real (CPU, bf16) GradScaler and autocast.
+
+    The trainer asserts CUDA; this test opens only that assertion and points ``torch.cuda.amp.
+    autocast`` at CPU bf16 autocast, so the scaling, unscaling and skipping are torch's own.
+    """
+    import types
+
+    from fastreid.engine import train_loop
+    from fastreid.utils.events import EventStorage
+    from torch.amp.grad_scaler import OptState
+
+    cfg = smoke_cfg(CDD_YML, workdir / "amp", market, "CDD.TEACHER.WEIGHTS", str(teacher.weights),
+                    "CDD.MASK_START", "0", "CDD.MASK_START_UNIT", "iter", "CDD.RATIO", "0.9")
+    cfg.freeze()
+    trainer = CDDTrainer(cfg)
+    cdd = find_cdd(trainer.model)
+    state = cdd.state
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    model = _ScaledLosses(trainer.model).train()
+    amp = train_loop.AMPTrainer(model, trainer._trainer.data_loader, trainer.optimizer, None, grad_scaler=scaler)
+
+    class _View(types.ModuleType):  # the real module, but for the attributes set on the view
+        def __init__(self, real, **overrides):
+            super().__init__(real.__name__)
+            self._real = real
+            self.__dict__.update(overrides)
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    view = _View(torch, cuda=_View(torch.cuda, is_available=lambda: True))
+    monkeypatch.setattr(train_loop, "torch", view)
+    monkeypatch.setattr(torch.cuda.amp, "autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+
+    stages, grads = [], []
+    reset = state.reset_gradients
+
+    def recording_reset(*args, **kwargs):
+        stages.append(scaler._per_optimizer_states[id(trainer.optimizer)]["stage"])
+        grads.append(max(d.weight.grad.abs().max().item() for d in state.compactors.values()))
+        return reset(*args, **kwargs)
+
+    monkeypatch.setattr(state, "reset_gradients", recording_reset)
+    with EventStorage(0) as storage:
+        amp.storage = storage
+        for it in range(3):
+            amp.iter = it
+            amp.run_step()
+        assert state.iteration == 3 and stages == [OptState.UNSCALED] * 3
+        assert max(grads) < 100  # unscaled; scaled by 4096 they would be in the thousands
+        assert any((m == 0).any() for m in state.masks().values()), "RGGR masked nothing"
+        masks = {n: m.clone() for n, m in state.masks().items()}
+        weights = {n: d.weight.detach().clone() for n, d in state.compactors.items()}
+        scale = scaler.get_scale()
+        # a finite loss whose scaled gradients overflow (FastReID itself stops on an infinite loss)
+        model.factor = 1e36
+        amp.iter = 3
+        amp.run_step()
+    assert scaler.get_scale() < scale  # torch skipped the step and lowered the scale
+    assert state.iteration == 3 and len(stages) == 3  # RGGR did not run for the skipped step
+    assert all(torch.equal(masks[n], m) for n, m in state.masks().items())
+    assert all(torch.equal(weights[n], d.weight) for n, d in state.compactors.items())
+
+
+# -- distributed: FastReID's launch, two CPU processes, gloo --------------------------------------------
+@pytest.mark.slow
+def test_two_processes_through_fastreid_launch_gather_the_global_batch_and_agree_on_masks(market, workdir,
+                                                                                          teacher):
+    out, dump = workdir / "dist", workdir / "dist_dump"
+    dump.mkdir()
+    cmd = [sys.executable, str(REPO / "tests" / "fastreid_dist_driver.py"), str(dump), "--num-gpus", "2",
+           "--config-file", str(CDD_YML), "DATASETS.ROOT", datasets_root(market), "OUTPUT_DIR", str(out),
+           "CDD.TEACHER.WEIGHTS", str(teacher.weights), "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1",
+           "CDD.MASK_START", "0", "CDD.MASK_START_UNIT", "iter", "CDD.RATIO", "0.9", "CDD.EVAL_TEACHER", "False"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests") + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    r0 = torch.load(dump / "rank0.pt", weights_only=True)
+    r1 = torch.load(dump / "rank1.pt", weights_only=True)
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    iters = r0["iteration"]
+    assert iters == r1["iteration"] == len(r0["local"]) == len(r1["local"]) > 0
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), f"ranks disagree on the masks of {name}"
+        assert torch.equal(r0["queues"][name], r1["queues"][name]), f"ranks hold different queues at {name}"
+    assert any((m == 0).any() for m in r0["masks"].values()), "RGGR masked nothing"
+    # each rank ran half of the global batch (IMS_PER_BATCH 16), on different images ...
+    assert all(t.shape[0] == BATCH // 2 for t in r0["local"] + r1["local"])
+    assert not torch.allclose(r0["local"][0], r1["local"][0])
+    # ... and every rank's queue holds the whole global batch of every step, in rank order
+    bank = r0["queues"][r0["site"]]
+    assert bank.shape[0] == iters * BATCH
+    for i, (a, b) in enumerate(zip(r0["local"], r1["local"])):
+        assert torch.equal(bank[i * BATCH:(i + 1) * BATCH], torch.cat([a, b])), f"step {i}"
+    summary = json.loads((out / "cdd_summary.json").read_text())  # written once, by rank 0
+    assert summary["iterations"] == iters and (out / "model_merged.pth").is_file()

@@ -26,6 +26,16 @@ optimizer, the dataset root -- is done by the trainer without touching FastReID)
   when a file needs it, retries with the numpy scalar/dtype types allow-listed for that one
   call; anything else is refused with a message saying how to re-save the file. Safety is
   never switched off globally.
+* ``launch_without_cuda``: ``launch``'s worker asserts CUDA, initialises NCCL and calls
+  ``torch.cuda.set_device``, so ``--num-gpus N`` cannot start N processes on a CPU machine.
+  Without CUDA the worker joins a gloo process group instead (same ``dist_url``, ranks and
+  per-machine group as FastReID's); ``launch`` itself is FastReID's.
+* ``ddp_without_device_ids_on_cpu``: ``DefaultTrainer`` wraps the model in
+  ``DistributedDataParallel(device_ids=[local_rank])``, which torch refuses for a model on
+  the CPU. Without CUDA, a CPU model is wrapped with ``device_ids=None``.
+
+The last two only exist so that multi-process training (and its tests) runs on CPU
+machines with the gloo backend; with CUDA nothing is patched and FastReID runs as shipped.
 """
 from __future__ import annotations
 
@@ -176,6 +186,64 @@ def checkpointer_weights_only() -> None:
     _mark("checkpointer_weights_only")
 
 
+def _worker_without_cuda(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args):
+    """FastReID's ``_distributed_worker`` on the CPU: gloo, no ``set_device`` (see ``launch_without_cuda``)."""
+    import torch.distributed as dist
+    from fastreid.utils import comm
+
+    launch_mod = importlib.import_module("fastreid.engine.launch")
+
+    if torch.cuda.is_available():
+        return launch_mod._cdd_cuda_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank,
+                                           dist_url, args)
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    try:
+        dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank)
+    except Exception:
+        logger.error("Process group URL: %s", dist_url)
+        raise
+    comm.synchronize()
+    for i in range(world_size // num_gpus_per_machine):
+        pg = dist.new_group(list(range(i * num_gpus_per_machine, (i + 1) * num_gpus_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = pg
+    main_func(*args)
+
+
+def launch_without_cuda() -> None:
+    """Let ``fastreid.engine.launch`` start gloo processes on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    launch_mod = importlib.import_module("fastreid.engine.launch")  # the package re-exports the function
+    if getattr(launch_mod, "_cdd_cuda_worker", None) is not None:
+        return
+    launch_mod._cdd_cuda_worker = launch_mod._distributed_worker
+    launch_mod._distributed_worker = _worker_without_cuda
+    _mark("launch_without_cuda")
+
+
+def ddp_without_device_ids_on_cpu() -> None:
+    """``DefaultTrainer`` passes ``device_ids=[local_rank]`` to DDP; a CPU model needs ``None``."""
+    if torch.cuda.is_available():
+        return
+    from fastreid.engine import defaults
+
+    ddp = defaults.DistributedDataParallel
+    if getattr(ddp, "_cdd_cpu_patch", False):
+        return
+
+    class CPUDistributedDataParallel(ddp):
+        _cdd_cpu_patch = True
+
+        def __init__(self, module, device_ids=None, *args, **kwargs):
+            if all(p.device.type == "cpu" for p in module.parameters()):
+                device_ids = None
+            super().__init__(module, device_ids, *args, **kwargs)
+
+    defaults.DistributedDataParallel = CPUDistributedDataParallel
+    _mark("ddp_without_device_ids_on_cpu")
+
+
 def apply() -> List[str]:
     """Apply every needed patch (idempotent); returns the names of those applied in this process."""
     with _LOCK:
@@ -186,4 +254,6 @@ def apply() -> List[str]:
         dataloaderx_without_cuda()
         cython_evaluator_compile()
         checkpointer_weights_only()
+        launch_without_cuda()
+        ddp_without_device_ids_on_cpu()
     return list(APPLIED)

@@ -11,6 +11,8 @@
 * ``--eval-only`` evaluates ``MODEL.WEIGHTS``: a FastReID checkpoint, or a merged
   ``model_merged.pth`` (the narrow student is rebuilt from the config and the file).
 * ``--resume`` continues from ``OUTPUT_DIR/last_checkpoint``, CDD state included.
+* ``--num-gpus N`` starts N processes through FastReID's ``launch`` (NCCL on GPUs; on a
+  machine without CUDA, with ``MODEL.DEVICE cpu``, N CPU processes joined by gloo).
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ def setup(args):
         cfg.MODEL.BACKBONE.PRETRAIN = False  # the weights come from MODEL.WEIGHTS
     check_device(cfg)
     if args.num_gpus > 1 and not torch.cuda.is_available():
-        raise SystemExit(f"--num-gpus {args.num_gpus} needs CUDA devices; this machine has none. Run with "
-                         "--num-gpus 1 and MODEL.DEVICE cpu")
+        logger.info("--num-gpus %d without CUDA: %d CPU processes joined by the gloo backend", args.num_gpus,
+                    args.num_gpus)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cdd_plugin")  # the core's messages

@@ -4,7 +4,9 @@ For any FastReID config (teacher training included) it
 * applies the compatibility patches (``compat.apply``) and checks the device;
 * builds the optimizer with ``contiguous=False`` (FastReID's default contiguous parameter
   buffer silently stops updating weights on torch >= 2.0);
-* reads datasets from ``DATASETS.ROOT`` and supports the ``*Subset`` datasets.
+* reads datasets from ``DATASETS.ROOT`` and supports the ``*Subset`` datasets;
+* writes checkpoints atomically (``checkpoint.AtomicCheckpointer``: an interrupted save
+  keeps the last good checkpoint and ``last_checkpoint`` pointing at it).
 
 When ``MODEL.META_ARCHITECTURE`` is ``CDDDistiller`` it also
 * builds the model (DGC surgery happens there, before the optimizer exists);
@@ -34,6 +36,7 @@ from fastreid.modeling.meta_arch import build_model  # noqa: E402
 from fastreid.solver import build_optimizer  # noqa: E402
 from fastreid.utils import comm  # noqa: E402
 
+from .checkpoint import make_atomic  # noqa: E402
 from .config import check_device  # noqa: E402
 from .datasets import (dataset_root, is_missing_dataset, loader_kwargs, missing_dataset_error,  # noqa: E402
                        register_subsets, using_root)
@@ -120,6 +123,7 @@ class CDDTrainer(DefaultTrainer):
             raise
 
     def build_hooks(self):
+        make_atomic(self.checkpointer)  # before FastReID's PeriodicCheckpointer takes it
         ret = super().build_hooks()
         cdd = find_cdd(self.model)
         if cdd is None:
