@@ -74,15 +74,36 @@ def bench_step(arch, size, batch, classes, repeats, queue):
         total_loss(losses).backward()
         cdd_opt.step()
 
-    # interleave the two so that machine noise hits both alike
-    t_kd, t_cdd = [], []
-    kd_step(), cdd_step()
+    # the same CDD step without mask refreshes (criterion "none"): compactors, taps, feature
+    # loss and the lasso only, which separates the RGGR selection from the rest
+    plain_student = copy.deepcopy(teacher)
+    plain_state = cdd_plugin.insert_dgc(plain_student, x[:2], cdd_plugin.CDDConfig(queue_size=queue, criterion="none"))
+    plain = cdd_plugin.CDDDistiller(plain_student, teacher, plain_state).train()
+    plain_opt = cdd_plugin.RGGROptimizer(torch.optim.SGD(cdd_plugin.param_groups(plain_student, 0.01), lr=0.01,
+                                                          momentum=0.9), plain_state)
+
+    def no_refresh_step():
+        losses = plain(x, y)
+        plain_opt.zero_grad()
+        total_loss(losses).backward()
+        plain_opt.step()
+
+    # interleave the three so that machine noise hits them alike
+    t_kd, t_cdd, t_plain = [], [], []
+    kd_step(), cdd_step(), no_refresh_step()
     for _ in range(repeats):
         t_kd.append(_median_time(kd_step, 1, 0))
         t_cdd.append(_median_time(cdd_step, 1, 0))
-    kd, cdd = statistics.median(t_kd), statistics.median(t_cdd)
+        t_plain.append(_median_time(no_refresh_step, 1, 0))
+    kd, cdd, no_refresh = statistics.median(t_kd), statistics.median(t_cdd), statistics.median(t_plain)
+    # what the compactors cost in FLOPs: a KD step is ~3 student forwards (fwd + bwd) + 1 teacher forward
+    f_student = cdd_plugin.profile(cdd_student, x[:1], count_dgc=False)["flops"]
+    f_dgc = cdd_plugin.profile(cdd_student, x[:1])["flops"] - f_student
     return {"arch": arch, "input": list(size), "batch": batch, "sites": len(state.sites),
-            "kd_step_s": kd, "cdd_step_s": cdd, "ratio": cdd / kd, "queue_size": queue}
+            "kd_step_s": kd, "cdd_step_s": cdd, "ratio": cdd / kd, "queue_size": queue,
+            "cdd_no_refresh_step_s": no_refresh, "no_refresh_ratio": no_refresh / kd,
+            "dgc_flops_per_image": f_dgc, "student_flops_per_image": f_student,
+            "dgc_share_of_kd_step_flops": 3 * f_dgc / (4 * f_student)}
 
 
 def bench_selection(batch, channels, bank, repeats):
@@ -178,7 +199,11 @@ def main(argv=None) -> int:
     res["step"] = bench_step(args.arch, size, batch, 751, repeats, queue)
     s = res["step"]
     print(f"    KD only      {s['kd_step_s']:.3f} s/it\n    CDD + RGGR   {s['cdd_step_s']:.3f} s/it   "
-          f"({s['sites']} DGC sites, queue {queue})\n    ratio        {s['ratio']:.3f}  (target <= 1.10)")
+          f"({s['sites']} DGC sites, queue {queue})\n    ratio        {s['ratio']:.3f}  (target <= 1.10)\n"
+          f"    CDD without mask refresh {s['cdd_no_refresh_step_s']:.3f} s/it (ratio {s['no_refresh_ratio']:.3f})\n"
+          f"    the compactors alone: {s['dgc_flops_per_image'] / 1e6:.0f} MFLOPs per image on "
+          f"{s['student_flops_per_image'] / 1e9:.2f} G = {100 * s['dgc_share_of_kd_step_flops']:.1f}% of a KD step's "
+          "FLOPs (3 student passes + 1 teacher forward)")
 
     print(f"\n[2] RGGR selection, B=64, N={24000 if not args.quick else 24000}, K=2")
     res["selection"] = bench_selection(64, channels, 24000, 3)

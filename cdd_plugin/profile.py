@@ -22,9 +22,14 @@ def _dgc_flops(module: DGC, inputs, output) -> None:
 
 
 def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, warmup: int = 3, runs: int = 10,
-            threads: Optional[int] = None, forward_fn=None) -> Dict[str, float]:
+            threads: Optional[int] = None, forward_fn=None, count_dgc: bool = True) -> Dict[str, float]:
     """Params and FLOPs (MACs, torch-pruning's counter) at ``example_inputs``; with
-    ``latency=True`` also the median CPU forward time in milliseconds."""
+    ``latency=True`` also the median CPU forward time in milliseconds.
+
+    ``count_dgc=True`` counts the compactors of an unmerged student as the 1x1 convolutions
+    (or per-channel scales) they are, i.e. what a training forward costs; ``count_dgc=False``
+    gives the figures of the student's own architecture (its parameters and FLOPs without
+    the compactors, which ``merge`` folds away)."""
     was_training = model.training
     model.eval()
     try:
@@ -32,6 +37,15 @@ def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, war
         # student's figures are honest; torch-pruning resets this mapping after each count
         op_counter.CUSTOM_MODULES_MAPPING = {DGC: _dgc_flops}
         flops, params = tp.utils.count_ops_and_params(model, example_inputs)
+        # torch-pruning stops at the first module it can count, so a DGC hosted by a counted
+        # module (a BatchNorm or conv it is attached to) is never reached: add those here
+        hidden = _dgcs_hidden_from_counter(model)
+        if hidden:
+            flops += _dgc_flops_per_image(model, hidden, example_inputs, forward_fn)
+        if not count_dgc:
+            dgcs = [m for m in model.modules() if isinstance(m, DGC)]
+            flops -= _dgc_flops_per_image(model, dgcs, example_inputs, forward_fn) if dgcs else 0
+            params -= sum(p.numel() for d in dgcs for p in d.parameters())
         out: Dict[str, float] = {"params": int(params), "flops": int(flops)}
         if latency:
             out["latency_ms"] = measure_latency(model, example_inputs, warmup=warmup, runs=runs, threads=threads,
@@ -39,6 +53,42 @@ def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, war
         return out
     finally:
         model.train(was_training)
+
+
+def _dgcs_hidden_from_counter(model: nn.Module) -> List[DGC]:
+    """DGCs below a module that torch-pruning's counter counts as a whole (it never recurses there)."""
+    counted = set(op_counter.MODULES_MAPPING) | {DGC}
+    hidden = []
+
+    def walk(module: nn.Module, covered: bool) -> None:
+        for child in module.children():
+            if isinstance(child, DGC):
+                if covered:
+                    hidden.append(child)
+                continue
+            walk(child, covered or type(child) in counted)
+
+    walk(model, type(model) in counted)
+    return hidden
+
+
+@torch.no_grad()
+def _dgc_flops_per_image(model: nn.Module, dgcs: List[DGC], example_inputs: Any, forward_fn=None) -> int:
+    """FLOPs of ``dgcs`` in one forward at ``example_inputs``, per image (the counter's convention)."""
+    total = [0]
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        per_position = module.channels if module.kind == "diag" else module.channels * module.channels
+        total[0] += per_position * (int(torch.tensor(x.shape[2:]).prod()) if x.dim() > 2 else 1)
+
+    handles = [d.register_forward_hook(hook) for d in dgcs]
+    try:
+        _run(model, example_inputs, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    return int(total[0])
 
 
 @torch.no_grad()

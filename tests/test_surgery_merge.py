@@ -69,6 +69,24 @@ def test_torchvision_architectures_merge_exactly(arch):
     assert cdd_plugin.profile(merged, x)["flops"] < dense_flops
 
 
+def test_profile_counts_the_compactors_of_an_unmerged_student_and_can_leave_them_out():
+    model = torchvision.models.resnet18(num_classes=10)
+    dense = cdd_plugin.profile(model, X[:1])
+    state = cdd_plugin.insert_dgc(model, X[:2], CDDConfig())
+    sizes = {}
+    hooks = [d.register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, i[0].shape[2] * i[0].shape[3]))
+             for n, d in state.compactors.items()]
+    with torch.no_grad():
+        model.eval()(X[:1])
+    for h in hooks:
+        h.remove()
+    expected = sum(d.channels ** 2 * sizes[n] for n, d in state.compactors.items())  # 1x1 convs, per image
+    training = cdd_plugin.profile(model, X[:1])
+    assert training["flops"] - dense["flops"] == expected > 0
+    assert training["params"] - dense["params"] == sum(d.channels ** 2 for d in state.compactors.values())
+    assert cdd_plugin.profile(model, X[:1], count_dgc=False) == dense  # the heavy student's own figures
+
+
 def test_report_names_every_site_and_the_reason_for_skips():
     model = torchvision.models.resnet50()
     state = cdd_plugin.insert_dgc(model, X)

@@ -65,10 +65,9 @@ def _profile(model: torch.nn.Module, size, latency: bool, exclude_dgc: bool = Fa
     h, w = (int(s) for s in size)
     x = torch.rand(1, 3, h, w, device=next(model.parameters()).device) * 255.0
     # Baseline normalises its input in place: every call gets its own copy
-    prof = cdd_plugin.profile(model, x.clone())
+    # the DGCs exist only during training: with exclude_dgc, the dense student's own figures
+    prof = cdd_plugin.profile(model, x.clone(), count_dgc=not exclude_dgc, forward_fn=lambda m, t: m(t.clone()))
     out = {"params": int(prof["params"]), "flops": int(prof["flops"]), "latency_ms": None}
-    if exclude_dgc:  # the DGCs exist only during training; count the dense student's own parameters
-        out["params"] -= sum(p.numel() for n, p in model.named_parameters() if ".cdd_dgc." in f".{n}")
     if latency:
         from cdd_plugin.profile import measure_latency
 
