@@ -85,5 +85,10 @@ test_cfg = dict()
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
-    checkpoint=dict(type='CheckpointHook', interval=10, max_keep_ckpts=2),
+    # atomic_local (cdd_plugin): every checkpoint is written to a temporary file, fsync'ed and renamed, so
+    # an interrupted save never leaves a truncated file or loses the previous one (local paths only)
+    checkpoint=dict(type='CheckpointHook', interval=10, max_keep_ckpts=2,
+                    backend_args=dict(backend='atomic_local')),
 )
+# distributed training on CPUs (torchrun ... --launcher pytorch, no CUDA): add
+# env_cfg = dict(dist_cfg=dict(backend='gloo'))

@@ -15,7 +15,11 @@ Importing this module registers (a config pulls it in with
 
 It also allow-lists, for ``torch.load(weights_only=True)`` (torch's default), the few
 non-tensor types inside mmengine's own checkpoints, so resume works safely
-(see ``checkpoint.py``).
+(see ``checkpoint.py``); registers the ``atomic_local`` file backend that the configs'
+``CheckpointHook`` writes checkpoints with (temporary file + fsync + ``os.replace``, see
+``fileio.py``); and applies the named mmengine patches of ``compat.py`` (an atomic
+``last_checkpoint`` pointer; without CUDA, ``--launcher pytorch`` with gloo on CPUs),
+listed in ``compat.APPLIED``.
 """
 try:
     import mmengine  # noqa: F401
@@ -26,17 +30,21 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "`pip install -e '.[mmpretrain]'` in the cdd_plugin repository (mmengine==0.10.7, mmcv-lite==2.2.0, "
         "mmpretrain==1.2.0, openmim==0.3.9, numpy<2.4, setuptools<81)") from exc
 
+from . import compat
 from .checkpoint import MMENGINE_SAFE_GLOBALS, allow_mmengine_checkpoints
 from .datasets import Market1501, PKBatchSampler, StanfordOnlineProducts
+from .fileio import AtomicLocalBackend, register_atomic_backend
 from .hooks import CDDHook
 from .metrics import ReIDMetric, SOPRecall
 from .model import CDDRetriever, EmbeddingRetriever, RetrievalNet
 from .optim import CDDAmpOptimWrapper, CDDOptimWrapper, CDDOptimWrapperConstructor
 
 allow_mmengine_checkpoints()
+register_atomic_backend()
+compat.apply()
 
 __all__ = [
-    "CDDAmpOptimWrapper", "CDDHook", "CDDOptimWrapper", "CDDOptimWrapperConstructor", "CDDRetriever",
-    "EmbeddingRetriever", "MMENGINE_SAFE_GLOBALS", "Market1501", "PKBatchSampler", "ReIDMetric", "RetrievalNet",
-    "SOPRecall", "StanfordOnlineProducts", "allow_mmengine_checkpoints",
+    "AtomicLocalBackend", "CDDAmpOptimWrapper", "CDDHook", "CDDOptimWrapper", "CDDOptimWrapperConstructor",
+    "CDDRetriever", "EmbeddingRetriever", "MMENGINE_SAFE_GLOBALS", "Market1501", "PKBatchSampler", "ReIDMetric",
+    "RetrievalNet", "SOPRecall", "StanfordOnlineProducts", "allow_mmengine_checkpoints", "compat", "register_atomic_backend",
 ]

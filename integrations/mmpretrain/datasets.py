@@ -87,7 +87,9 @@ class PKBatchSampler:
     Labels come from the dataset's ``gt_label``. Under torch.distributed each rank draws
     its own batches (seed + rank) and an epoch has ``len // world_size`` of them per rank,
     so an epoch still covers the data about once. The epoch set on the wrapped sampler
-    (mmengine's ``DistSamplerSeedHook``) reshuffles.
+    (mmengine's ``DistSamplerSeedHook``) reshuffles. Without ``seed`` the wrapped sampler's
+    (the run's seed) is used; ``CDDHook`` re-seeds with the checkpoint's seed on resume
+    (``reseed``), so a resumed run draws the batches the interrupted one would have drawn.
     """
 
     def __init__(self, sampler, batch_size: int, instances: int = 4, seed: Optional[int] = None) -> None:
@@ -95,11 +97,21 @@ class PKBatchSampler:
             raise ValueError(f"PKBatchSampler: batch_size={batch_size} is not a multiple of instances={instances}")
         dataset = sampler.dataset
         pids = [int(dataset.get_data_info(i)["gt_label"]) for i in range(len(dataset))]
-        rank, self.world_size = get_dist_info()
+        self.rank, self.world_size = get_dist_info()
+        self.explicit_seed = seed is not None
         base = getattr(sampler, "seed", None) if seed is None else seed
         self.sampler = sampler
         self.batch_size = batch_size
-        self.pk = PKSampler(pids, p=batch_size // instances, k=instances, seed=int(base or 0) + rank)
+        self.pk = PKSampler(pids, p=batch_size // instances, k=instances, seed=int(base or 0) + self.rank)
+
+    @property
+    def seed(self) -> int:
+        """The base seed (this rank draws with ``seed + rank``)."""
+        return self.pk.seed - self.rank
+
+    def reseed(self, seed: int) -> None:
+        """Draw from now on with base seed ``seed`` (``seed + rank`` on this rank)."""
+        self.pk.seed = int(seed) + self.rank
 
     def __len__(self) -> int:
         return max(1, len(self.pk) // self.world_size)

@@ -10,6 +10,16 @@ it merges the student (``cdd_plugin.merge``), writes ``model_merged.pth``
 student (the merged one reloaded from that file) with the configured evaluator, and
 writes ``cdd_summary.json``. Before a test/val run whose checkpoint is a merged file,
 it rebuilds the narrow student so the runner can load it.
+
+Exact resume: every checkpoint also carries the random number generator states of the
+process at the moment it was written (``cdd_rng``: Python ``random``, NumPy's global
+generator, torch's CPU and CUDA generators; plain ints and tensors, so the checkpoint
+still loads with ``torch.load(weights_only=True)``). When training resumes from that
+checkpoint they are restored before the first resumed iteration, so random data
+transforms that run in the main process (``num_workers=0``) draw what the uninterrupted
+run would have drawn; and a ``PKBatchSampler`` without its own seed follows the
+checkpoint's seed (mmengine builds the dataloader, with a fresh seed when
+``randomness.seed`` is None, before it loads the checkpoint).
 """
 from __future__ import annotations
 
@@ -17,10 +27,12 @@ import copy
 import math
 import os
 import os.path as osp
+import random
 from typing import Dict, Optional
 
+import numpy as np
 import torch
-from mmengine.dist import barrier, is_main_process
+from mmengine.dist import barrier, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.runner import BaseLoop
 from mmpretrain.registry import HOOKS
@@ -29,15 +41,43 @@ import cdd_plugin
 from cdd_plugin import report
 from cdd_plugin.dgc import apply_input_dgc, apply_output_dgc
 
+from .datasets import PKBatchSampler
 from .model import CDDRetriever, unwrap, is_merged_file
 from .optim import is_cdd_wrapper
 
 SUMMARY_SCHEMA = report.SCHEMA
+RNG_KEY = "cdd_rng"  # the checkpoint entry with the generator states
 _LOGGED = {  # state.summary() key -> logged scalar name
     "channels_active": "cdd_channels_active",
     "channels_kept": "cdd_channels_kept",
     "flops_ratio": "cdd_flops_ratio",
 }
+
+
+def rng_state() -> dict:
+    """The states of Python's, NumPy's (global) and torch's generators, as types that
+    ``torch.load(weights_only=True)`` accepts (ints, strings, tuples, tensors)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned (tensors may come back on another device)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
 
 
 def _load_from(runner) -> Optional[str]:
@@ -70,12 +110,15 @@ class CDDHook(Hook):
             each row; ``latency_ms`` is ``null`` otherwise.
         latency_runs: timed runs per model (median reported).
         merged_file, summary_file: names of the files written into the work dir.
+        restore_rng: save the generator states in every checkpoint and restore them when
+            training resumes from it (see the module docstring).
     """
 
     priority = "NORMAL"  # before LoggerHook, which reads the scalars
 
     def __init__(self, interval: int = 1, evaluate: bool = True, latency: bool = True, latency_runs: int = 10,
-                 merged_file: str = "model_merged.pth", summary_file: str = "cdd_summary.json") -> None:
+                 merged_file: str = "model_merged.pth", summary_file: str = "cdd_summary.json",
+                 restore_rng: bool = True) -> None:
         if int(interval) < 1:
             raise ValueError(f"CDDHook interval={interval} must be >= 1")
         self.interval = int(interval)
@@ -84,6 +127,8 @@ class CDDHook(Hook):
         self.latency_runs = int(latency_runs)
         self.merged_file = merged_file
         self.summary_file = summary_file
+        self.restore_rng = bool(restore_rng)
+        self._loaded: Optional[tuple] = None  # (generator states, iteration) of the last loaded checkpoint
 
     @staticmethod
     def _model(runner) -> CDDRetriever:
@@ -126,6 +171,42 @@ class CDDHook(Hook):
         runner.logger.info(state.report())
         runner.logger.info(f"CDD: masks may change from optimizer step {state.cfg.mask_start} on "
                            f"(criterion={state.cfg.criterion}); schedule position {state.iteration}")
+        self._continue_where_the_checkpoint_stopped(runner)
+
+    # -- exact resume --------------------------------------------------------------------
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.restore_rng:
+            checkpoint[RNG_KEY] = rng_state()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+        it = meta.get("iter") if isinstance(meta, dict) else None
+        self._loaded = (checkpoint.get(RNG_KEY), it) if isinstance(checkpoint, dict) else None
+
+    def _continue_where_the_checkpoint_stopped(self, runner) -> None:
+        """After a resume (the train loop stands at the checkpoint's iteration): the sampler
+        follows the checkpoint's seed and the generators get the checkpoint's states."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is None or not loaded[1] or int(loaded[1]) != runner.iter:
+            return  # nothing loaded, or weights loaded to start a new training (load_from)
+        rng, _ = loaded
+        batches = runner.train_dataloader.batch_sampler
+        if isinstance(batches, PKBatchSampler) and not batches.explicit_seed and runner.seed is not None \
+                and batches.seed != runner.seed:
+            batches.reseed(runner.seed)
+            runner.logger.info(f"CDD: PKBatchSampler re-seeded with the checkpoint's seed {runner.seed}")
+        if not self.restore_rng:
+            return
+        if rng is None:
+            runner.logger.warning("CDD: the checkpoint holds no generator states (cdd_rng); random transforms after "
+                                  "the resume will differ from those of an uninterrupted run")
+            return
+        if get_world_size() > 1 and (runner.cfg.get("randomness") or {}).get("diff_rank_seed", False):
+            runner.logger.info("CDD: generator states not restored: randomness.diff_rank_seed gives every rank its "
+                               "own generators, and the checkpoint holds those of rank 0 only")
+            return
+        set_rng_state(rng)
+        runner.logger.info("CDD: generator states (python, numpy, torch) restored from the checkpoint")
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         if not self.every_n_train_iters(runner, self.interval):
@@ -234,4 +315,4 @@ def _table(rows, summary) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CDDHook", "SUMMARY_SCHEMA"]
+__all__ = ["CDDHook", "RNG_KEY", "SUMMARY_SCHEMA", "rng_state", "set_rng_state"]
