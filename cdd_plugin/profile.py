@@ -36,7 +36,8 @@ def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, war
         # count a DGC as the 1x1 convolution (or per-channel scale) it is, so an unmerged
         # student's figures are honest; torch-pruning resets this mapping after each count
         op_counter.CUSTOM_MODULES_MAPPING = {DGC: _dgc_flops}
-        flops, params = tp.utils.count_ops_and_params(model, example_inputs)
+        counted = model if forward_fn is None else _CallThrough(model, forward_fn)
+        flops, params = tp.utils.count_ops_and_params(counted, example_inputs)
         # torch-pruning stops at the first module it can count, so a DGC hosted by a counted
         # module (a BatchNorm or conv it is attached to) is never reached: add those here
         hidden = _dgcs_hidden_from_counter(model)
@@ -53,6 +54,19 @@ def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, war
         return out
     finally:
         model.train(was_training)
+
+
+class _CallThrough(nn.Module):
+    """``model`` called through ``forward_fn`` (the counter itself only calls ``model(inputs)``)."""
+
+    def __init__(self, model: nn.Module, forward_fn) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_fn = forward_fn
+
+    def forward(self, *args, **kwargs):
+        inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        return _run(self.model, inputs, self.forward_fn)
 
 
 def _dgcs_hidden_from_counter(model: nn.Module) -> List[DGC]:

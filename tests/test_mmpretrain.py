@@ -204,6 +204,15 @@ def test_mim_train_writes_merged_model_and_summary(cdd_run):
     assert isinstance(s["predicted_flops"], int) and isinstance(s["flops_reduction"], float)
 
 
+def test_cdd_profile_reads_the_merged_file_with_the_mmpretrain_config(setup, cdd_run):
+    """`cdd profile --arch mmpretrain:<config>` rebuilds the narrow student and counts what the summary says."""
+    out = _run([sys.executable, "-m", "cdd_plugin.cli", "profile", str(cdd_run.dir / "model_merged.pth"), "--arch",
+                f"mmpretrain:{setup.cdd_cfg}", "--json"], cwd=setup.tmp, env_extra=setup.env)
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])  # warnings follow
+    assert result["flops"] == cdd_run.rows["student_merged"]["flops"]
+    assert result["flops"] < cdd_run.rows["student_unmerged"]["flops"]
+
+
 def test_merge_removes_the_zeroed_channels_and_keeps_the_metrics(cdd_run):
     s, merged, unmerged = cdd_run.summary, cdd_run.rows["student_merged"], cdd_run.rows["student_unmerged"]
     # the helper zeroed half of every DGC's channels: exactly those are gone

@@ -43,8 +43,38 @@ allow_mmengine_checkpoints()
 register_atomic_backend()
 compat.apply()
 
+
+def cli_arch(spec: str, num_classes=None) -> dict:
+    """``cdd profile / merge --arch mmpretrain:<config.py>``: the dense student of an MMPretrain
+    config (``CDDRetriever`` or a plain retriever: its ``image_encoder`` and ``head``), built on
+    the CPU without the teacher, traced through its embedding like the training run was."""
+    import os
+
+    import torch
+    from mmengine.config import Config
+
+    from cdd_plugin import ConfigError
+
+    from .model import _build, _embed_forward
+
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"MMPretrain config {spec!r} not found (working directory {os.getcwd()})")
+    model_cfg = Config.fromfile(spec).get("model")
+    if not model_cfg or "image_encoder" not in model_cfg:
+        raise ConfigError(f"{spec} has no model.image_encoder: --arch mmpretrain:<config> takes a retriever config "
+                          "such as configs/cdd_resnet50_sop.py")
+    head = model_cfg.get("head")
+    if head is not None and num_classes is not None:
+        head = dict(head, num_classes=int(num_classes))
+    net = RetrievalNet(_build(model_cfg["image_encoder"]), _build(head)).eval()
+    height, width = (int(v) for v in model_cfg.get("input_size", (256, 128)))
+    return {"model": net, "input": (3, height, width), "forward_fn": _embed_forward,
+            "example_inputs": lambda batch: torch.randn(batch, 3, height, width)}
+
+
 __all__ = [
     "AtomicLocalBackend", "CDDAmpOptimWrapper", "CDDHook", "CDDOptimWrapper", "CDDOptimWrapperConstructor",
     "CDDRetriever", "EmbeddingRetriever", "MMENGINE_SAFE_GLOBALS", "Market1501", "PKBatchSampler", "ReIDMetric",
-    "RetrievalNet", "SOPRecall", "StanfordOnlineProducts", "allow_mmengine_checkpoints", "compat", "register_atomic_backend",
+    "RetrievalNet", "SOPRecall", "StanfordOnlineProducts", "allow_mmengine_checkpoints", "cli_arch", "compat",
+    "register_atomic_backend",
 ]
