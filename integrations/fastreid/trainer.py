@@ -5,6 +5,8 @@ For any FastReID config (teacher training included) it
 * builds the optimizer with ``contiguous=False`` (FastReID's default contiguous parameter
   buffer silently stops updating weights on torch >= 2.0);
 * reads datasets from ``DATASETS.ROOT`` and supports the ``*Subset`` datasets;
+* on ``--resume``, continues the data stream where the checkpoint left it (FastReID
+  restarts its sampler, so a resumed run would repeat the first batches);
 * writes checkpoints atomically (``checkpoint.AtomicCheckpointer``: an interrupted save
   keeps the last good checkpoint and ``last_checkpoint`` pointing at it).
 
@@ -20,9 +22,12 @@ When ``MODEL.META_ARCHITECTURE`` is ``CDDDistiller`` it also
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Optional
+
+import torch
 
 from . import compat
 
@@ -45,6 +50,17 @@ from .meta_arch import find_cdd  # noqa: E402
 
 logger = logging.getLogger("fastreid.cdd")
 register_subsets()
+
+
+class _SkipFirst(torch.utils.data.Sampler):
+    """``sampler`` without its first ``count`` indices (on the first pass only)."""
+
+    def __init__(self, sampler, count: int) -> None:
+        self.sampler, self.count = sampler, int(count)
+
+    def __iter__(self):
+        count, self.count = self.count, 0
+        return itertools.islice(iter(self.sampler), count, None)
 
 
 class CDDTrainer(DefaultTrainer):
@@ -72,7 +88,33 @@ class CDDTrainer(DefaultTrainer):
                 raise ConfigError(f"MODEL.WEIGHTS {weights!r} is not a CDD checkpoint, so none of its weights would "
                                   "reach the CDD model. Fix: to start the student from it set CDD.STUDENT_WEIGHTS "
                                   "to that file and MODEL.WEIGHTS to '' (the teacher is CDD.TEACHER.WEIGHTS)")
-        return super().resume_or_load(resume=resume)
+        out = super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint() and self.start_epoch > 0:
+            self._continue_data_stream(self.start_epoch * self.iters_per_epoch)
+        return out
+
+    def _continue_data_stream(self, iterations: int) -> None:
+        """Skip the batches the interrupted run already trained on.
+
+        FastReID's training samplers are infinite, seeded streams that restart on every
+        resume, so a resumed run would train on the first batches of the stream again. The
+        stream is replayed at the index level (no image is loaded) up to the checkpoint, so
+        the resumed run sees the batches the uninterrupted one would have seen (with
+        augmentations that draw no random numbers this makes the resumed weights equal to
+        the uninterrupted run's; random augmentations run in a prefetching thread whose
+        generator state cannot be captured at a batch boundary).
+        """
+        loader = self._trainer.data_loader
+        batches = getattr(loader, "batch_sampler", None)
+        if not isinstance(batches, torch.utils.data.BatchSampler):
+            logger.warning("resume: the train loader has no BatchSampler, so its data stream restarts from the start")
+            return
+        if hasattr(loader, "_shutdown_background_thread") and getattr(loader, "iter", None) is not None:
+            loader._shutdown_background_thread()  # the prefetching thread of the stream being replaced
+        batches.sampler = _SkipFirst(batches.sampler, iterations * batches.batch_size)
+        self._trainer._data_loader_iter = iter(loader)
+        logger.info("resume: data stream continued after %d iterations (%d sampler indices skipped)", iterations,
+                    iterations * batches.batch_size)
 
     # -- builders -----------------------------------------------------------------------------
     @classmethod
