@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -43,63 +44,73 @@ def _median_time(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+def _variant_step(variant, teacher, x, y, queue):
+    """A training step of one variant (built fresh): ``kd``, ``cdd`` (RGGR, masks refreshed
+    every step) or ``cdd_no_refresh`` (criterion "none": compactors, taps, feature loss and
+    lasso only). CDD queues are filled to their full size first, so a refresh searches all
+    ``queue`` rows per site as in a long run (random rows: the cost does not depend on them)."""
+    student = copy.deepcopy(teacher).train().requires_grad_(True)  # CDDDistiller froze the shared teacher
+    if variant == "kd":
+        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            with torch.no_grad():
+                t_logits, _ = teacher(x)
+            s_logits, s_emb = student(x)
+            loss = (F.cross_entropy(s_logits, y, label_smoothing=0.1) + triplet_loss(s_emb, y)
+                    + kd_loss(s_logits, t_logits, 2.0))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step, None
+    # no FLOPs target: the masks are refreshed at every step, never stopped by a met budget
+    cfg = (cdd_plugin.CDDConfig(queue_size=queue, mask_start=0) if variant == "cdd"
+           else cdd_plugin.CDDConfig(queue_size=queue, criterion="none"))
+    state = cdd_plugin.insert_dgc(student, x[:2], cfg)
+    gen = torch.Generator().manual_seed(1)
+    for name, q in state.queues.items():
+        q.push(torch.rand(queue, q.channels, generator=gen))
+    distiller = cdd_plugin.CDDDistiller(student, teacher, state).train()
+    opt = cdd_plugin.RGGROptimizer(torch.optim.SGD(cdd_plugin.param_groups(student, 0.01), lr=0.01, momentum=0.9),
+                                   state)
+
+    def step():
+        losses = distiller(x, y)
+        opt.zero_grad()
+        total_loss(losses).backward()
+        opt.step()
+    return step, state
+
+
 def bench_step(arch, size, batch, classes, repeats, queue):
+    """Step time of KD only, CDD + RGGR and CDD without refreshes.
+
+    One student at a time: a variant is built, warmed up, timed for ``repeats`` steps and
+    freed before the next one, in rounds (kd, cdd, no refresh, kd, ...) so that slow drifts
+    of the machine hit all three. (Interleaving single steps of three live students in one
+    process made whichever ran first after a switch ~0.5 s slower, an allocator effect that
+    real training never sees.)"""
     torch.manual_seed(0)
-    teacher = ReIDNet(arch, classes)
+    teacher = ReIDNet(arch, classes).eval()
     x = torch.randn(batch, 3, *size)
     y = torch.arange(batch) % (batch // 4)
-
-    kd_student = copy.deepcopy(teacher).train()
-    kd_opt = torch.optim.SGD(kd_student.parameters(), lr=0.01, momentum=0.9)
-    teacher.eval()
-
-    def kd_step():
-        with torch.no_grad():
-            t_logits, _ = teacher(x)
-        s_logits, s_emb = kd_student(x)
-        loss = F.cross_entropy(s_logits, y, label_smoothing=0.1) + triplet_loss(s_emb, y) + kd_loss(s_logits, t_logits, 2.0)
-        kd_opt.zero_grad()
-        loss.backward()
-        kd_opt.step()
-
-    cdd_student = copy.deepcopy(teacher)
-    state = cdd_plugin.insert_dgc(cdd_student, x[:2], cdd_plugin.CDDConfig(queue_size=queue, flops_target=0.35))
-    distiller = cdd_plugin.CDDDistiller(cdd_student, teacher, state).train()
-    cdd_opt = cdd_plugin.RGGROptimizer(torch.optim.SGD(cdd_plugin.param_groups(cdd_student, 0.01), lr=0.01,
-                                                        momentum=0.9), state)
-
-    def cdd_step():
-        losses = distiller(x, y)
-        cdd_opt.zero_grad()
-        total_loss(losses).backward()
-        cdd_opt.step()
-
-    # the same CDD step without mask refreshes (criterion "none"): compactors, taps, feature
-    # loss and the lasso only, which separates the RGGR selection from the rest
-    plain_student = copy.deepcopy(teacher)
-    plain_state = cdd_plugin.insert_dgc(plain_student, x[:2], cdd_plugin.CDDConfig(queue_size=queue, criterion="none"))
-    plain = cdd_plugin.CDDDistiller(plain_student, teacher, plain_state).train()
-    plain_opt = cdd_plugin.RGGROptimizer(torch.optim.SGD(cdd_plugin.param_groups(plain_student, 0.01), lr=0.01,
-                                                          momentum=0.9), plain_state)
-
-    def no_refresh_step():
-        losses = plain(x, y)
-        plain_opt.zero_grad()
-        total_loss(losses).backward()
-        plain_opt.step()
-
-    # interleave the three so that machine noise hits them alike
-    t_kd, t_cdd, t_plain = [], [], []
-    kd_step(), cdd_step(), no_refresh_step()
-    for _ in range(repeats):
-        t_kd.append(_median_time(kd_step, 1, 0))
-        t_cdd.append(_median_time(cdd_step, 1, 0))
-        t_plain.append(_median_time(no_refresh_step, 1, 0))
-    kd, cdd, no_refresh = statistics.median(t_kd), statistics.median(t_cdd), statistics.median(t_plain)
+    times = {"kd": [], "cdd": [], "cdd_no_refresh": []}
+    sites = 0
+    for _ in range(2):
+        for variant in times:
+            step, state = _variant_step(variant, teacher, x, y, queue)
+            if state is not None:
+                sites = len(state.sites)
+            times[variant].append(_median_time(step, max(1, repeats // 2), warmup=2))
+            del step, state
+            gc.collect()
+    kd, cdd, no_refresh = (statistics.median(times[v]) for v in ("kd", "cdd", "cdd_no_refresh"))
     # what the compactors cost in FLOPs: a KD step is ~3 student forwards (fwd + bwd) + 1 teacher forward
-    f_student = cdd_plugin.profile(cdd_student, x[:1], count_dgc=False)["flops"]
-    f_dgc = cdd_plugin.profile(cdd_student, x[:1])["flops"] - f_student
-    return {"arch": arch, "input": list(size), "batch": batch, "sites": len(state.sites),
+    probe = copy.deepcopy(teacher)
+    cdd_plugin.insert_dgc(probe, x[:2], cdd_plugin.CDDConfig())
+    f_student = cdd_plugin.profile(probe, x[:1], count_dgc=False)["flops"]
+    f_dgc = cdd_plugin.profile(probe, x[:1])["flops"] - f_student
+    return {"arch": arch, "input": list(size), "batch": batch, "sites": sites,
             "kd_step_s": kd, "cdd_step_s": cdd, "ratio": cdd / kd, "queue_size": queue,
             "cdd_no_refresh_step_s": no_refresh, "no_refresh_ratio": no_refresh / kd,
             "dgc_flops_per_image": f_dgc, "student_flops_per_image": f_student,
@@ -195,7 +206,8 @@ def main(argv=None) -> int:
     print(f"cdd_plugin speed benchmark ({'quick' if args.quick else 'full'}) on {device}")
     res = {"device": device, "quick": args.quick}
 
-    print(f"\n[1] training step, {args.arch} {size[0]}x{size[1]}, batch {batch} (median of {repeats})")
+    print(f"\n[1] training step, {args.arch} {size[0]}x{size[1]}, batch {batch}, queues full "
+          f"(median of 2 rounds x {max(1, repeats // 2)} steps)")
     res["step"] = bench_step(args.arch, size, batch, 751, repeats, queue)
     s = res["step"]
     print(f"    KD only      {s['kd_step_s']:.3f} s/it\n    CDD + RGGR   {s['cdd_step_s']:.3f} s/it   "
