@@ -382,9 +382,9 @@ def test_two_cpu_processes_share_masks_and_the_global_batch_queue(rel, tmp_path,
             assert t0_i.shape[0] == t1_i.shape[0] == 8
             rows = q["data"][i * global_batch:(i + 1) * global_batch]
             assert torch.equal(rows, torch.cat([t0_i, t1_i]).float()), (n, i)
-    # (c) the two ranks trained on different images
-    for i in range(iters):
-        assert sorted(r0["paths"][i]) != sorted(r1["paths"][i]), i
+    # (c) the two ranks trained on different images (each rank draws its own P x K batches, so on this
+    # 6-identity fixture both may draw the same identities at some iteration, but not at all of them)
+    assert any(sorted(r0["paths"][i]) != sorted(r1["paths"][i]) for i in range(iters))
     assert any(not torch.equal(r0["local_teacher"][i][n], r1["local_teacher"][i][n])
                for i in range(iters) for n in r0["masks"])
     # (d) RGGR masked channels (no helper zeroes any here)
