@@ -233,9 +233,6 @@ def channel_plan(merged: nn.Module) -> Dict[str, dict]:
     return plan
 
 
-_atomic_save = atomic_save  # kept for callers of the earlier private name
-
-
 def save_merged(merged: nn.Module, path: str, *, meta: Optional[dict] = None) -> None:
     """Write a merged model as data only (channel plan + tensors), atomically.
 
