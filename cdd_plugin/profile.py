@@ -14,11 +14,14 @@ from .dgc import DGC
 from .surgery import _run
 
 
-def _dgc_flops(module: DGC, inputs, output) -> None:
-    x = inputs[0]
+def _dgc_macs_per_image(module: DGC, x: torch.Tensor) -> int:
+    """A DGC as the 1x1 convolution (or per-channel scale) it is, per image of input ``x``."""
     per_position = module.channels if module.kind == "diag" else module.channels * module.channels
-    positions = x.shape[0] * (int(torch.tensor(x.shape[2:]).prod()) if x.dim() > 2 else 1)
-    module.__flops__ += int(per_position * positions)
+    return int(per_position * (int(torch.tensor(x.shape[2:]).prod()) if x.dim() > 2 else 1))
+
+
+def _dgc_flops(module: DGC, inputs, output) -> None:
+    module.__flops__ += inputs[0].shape[0] * _dgc_macs_per_image(module, inputs[0])
 
 
 def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, warmup: int = 3, runs: int = 10,
@@ -40,13 +43,13 @@ def profile(model: nn.Module, example_inputs: Any, *, latency: bool = False, war
         flops, params = tp.utils.count_ops_and_params(counted, example_inputs)
         # torch-pruning stops at the first module it can count, so a DGC hosted by a counted
         # module (a BatchNorm or conv it is attached to) is never reached: add those here
-        hidden = _dgcs_hidden_from_counter(model)
-        if hidden:
-            flops += _dgc_flops_per_image(model, hidden, example_inputs, forward_fn)
-        if not count_dgc:
-            dgcs = [m for m in model.modules() if isinstance(m, DGC)]
-            flops -= _dgc_flops_per_image(model, dgcs, example_inputs, forward_fn) if dgcs else 0
-            params -= sum(p.numel() for d in dgcs for p in d.parameters())
+        dgcs = [m for m in model.modules() if isinstance(m, DGC)]
+        if dgcs:
+            per_dgc = _dgc_flops_per_image(model, dgcs, example_inputs, forward_fn)
+            flops += sum(per_dgc[id(d)] for d in _dgcs_hidden_from_counter(model))
+            if not count_dgc:
+                flops -= sum(per_dgc.values())
+                params -= sum(p.numel() for d in dgcs for p in d.parameters())
         out: Dict[str, float] = {"params": int(params), "flops": int(flops)}
         if latency:
             out["latency_ms"] = measure_latency(model, example_inputs, warmup=warmup, runs=runs, threads=threads,
@@ -87,14 +90,12 @@ def _dgcs_hidden_from_counter(model: nn.Module) -> List[DGC]:
 
 
 @torch.no_grad()
-def _dgc_flops_per_image(model: nn.Module, dgcs: List[DGC], example_inputs: Any, forward_fn=None) -> int:
-    """FLOPs of ``dgcs`` in one forward at ``example_inputs``, per image (the counter's convention)."""
-    total = [0]
+def _dgc_flops_per_image(model: nn.Module, dgcs: List[DGC], example_inputs: Any, forward_fn=None) -> Dict[int, int]:
+    """FLOPs of each of ``dgcs`` (by ``id``) in one forward at ``example_inputs``, per image."""
+    out = {id(d): 0 for d in dgcs}
 
     def hook(module, inputs, output):
-        x = inputs[0]
-        per_position = module.channels if module.kind == "diag" else module.channels * module.channels
-        total[0] += per_position * (int(torch.tensor(x.shape[2:]).prod()) if x.dim() > 2 else 1)
+        out[id(module)] += _dgc_macs_per_image(module, inputs[0])
 
     handles = [d.register_forward_hook(hook) for d in dgcs]
     try:
@@ -102,7 +103,7 @@ def _dgc_flops_per_image(model: nn.Module, dgcs: List[DGC], example_inputs: Any,
     finally:
         for h in handles:
             h.remove()
-    return int(total[0])
+    return out
 
 
 @torch.no_grad()
