@@ -5,7 +5,8 @@ Public API (see docs/API.md): ``CDDConfig``, ``insert_dgc``, ``RGGROptimizer``,
 """
 from .config import CDDConfig, ConfigError
 from .dgc import DGC
-from .merge import MergeError, load_merged, merge, read_merged, save_merged
+from .export import load_merged, read_merged, save_merged
+from .merge import MergeError, merge
 from .optim import RGGROptimizer, param_groups
 from .profile import channel_table, plot_channels, profile
 from .state import CDDState

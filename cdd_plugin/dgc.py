@@ -21,7 +21,20 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("out", "in", "diag")
+#: the attribute of the host module that holds its compactor (``<host>.cdd_dgc``)
+DGC_ATTR = "cdd_dgc"
 _EPS = 1e-12
+
+
+def kept_count(kept: int, channels: int, min_channels: int = 1, round_to: int = 1) -> int:
+    """Channels a site keeps after merge: at least ``min_channels``, rounded up to a multiple of
+    ``round_to`` (widths hardware likes), never more than it has. Rounding up keeps rows that
+    would have been cut; merge keeps the largest of them, so the merged network still computes
+    what the trained one computes."""
+    n = max(int(kept), min(int(min_channels), channels))
+    if round_to > 1:
+        n = -(-n // round_to) * round_to
+    return min(n, channels)
 
 
 class DGC(nn.Module):
@@ -91,20 +104,24 @@ class DGC(nn.Module):
         return lasso * self.channel_norms().sum()
 
     @torch.no_grad()
-    def reset_grad_(self, lasso: float) -> None:
-        """In place: grad = mask * grad + d(lasso * sum ||group||)/dQ (METHOD.md section 4)."""
+    def reset_grad_(self, lasso: float, masked_lasso: Optional[float] = None) -> None:
+        """In place: grad = mask * grad + d(lasso * sum ||group||)/dQ (METHOD.md section 4).
+
+        ``masked_lasso`` (default: ``lasso``, the authors' form) is the lasso strength of the masked
+        groups alone, so a short schedule can drive masked rows to zero in time without a larger
+        pull on the rows that still learn."""
         w = self.weight
         g = w.grad
         if g is None:
-            w.grad = self.lasso_gradient(lasso).to(w.dtype)
-            return
+            g = w.grad = torch.zeros_like(w)
         m = self.mask.to(g.dtype)
+        lam = m * lasso + (1.0 - m) * (lasso if masked_lasso is None else masked_lasso)  # per group
         if self.kind == "diag":
-            g.mul_(m).add_(torch.sign(w), alpha=lasso)
+            g.mul_(m).add_(torch.sign(w) * lam)
         elif self.kind == "out":
-            g.mul_(m[:, None]).add_(w / w.norm(dim=1, keepdim=True).clamp_min(_EPS), alpha=lasso)
+            g.mul_(m[:, None]).add_(w / w.norm(dim=1, keepdim=True).clamp_min(_EPS) * lam[:, None])
         else:
-            g.mul_(m[None, :]).add_(w / w.norm(dim=0, keepdim=True).clamp_min(_EPS), alpha=lasso)
+            g.mul_(m[None, :]).add_(w / w.norm(dim=0, keepdim=True).clamp_min(_EPS) * lam[None, :])
 
     def mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """Multiply a gradient of ``weight`` by the channel mask along the channel axis."""

@@ -1,9 +1,12 @@
 """CDDDistiller: task + distillation losses for a heavy student with DGCs, and RGGR feeding.
 
 The distiller taps features with forward hooks (the user's modules are not rewritten):
-for every DGC site it reads the student's compacted feature and the teacher's feature at
-the module of the same name, pools them over space, uses them for feature distillation,
-and hands them to the CDD state for the retrieval-guided masks.
+for every DGC site it reads the student's feature and the teacher's feature at the module
+of the same name, pools them over space and uses them for feature distillation. With
+``feat_tap="before"`` (the authors') the student side is read BEFORE its compactor, the same
+point as the teacher's, so the fit term never pulls on the compactor's rows; ``"after"``
+reads the compacted feature. RGGR always gets the pooled output AFTER the compactor (the
+student feature of the simulated retrieval, as in the authors' code).
 
 The teacher is a registered submodule, so ``.to(device)`` moves it and a checkpoint of
 the distiller resumes without the teacher file; it is frozen (``requires_grad=False``)
@@ -24,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, build_checked
-from .dgc import _pool, tap_input, tap_output
+from .config import ConfigError, build_checked, coerce_fields
+from .dgc import tap_input, tap_output
 from .state import CDDState
 
 logger = logging.getLogger("cdd_plugin")
+
+FEAT_TAPS = ("before", "after")
 
 ForwardFn = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]], Tuple[Optional[torch.Tensor], torch.Tensor]]
 
@@ -40,13 +45,19 @@ class LossConfig:
     ce_weight: float = 1.0
     label_smoothing: float = 0.1
     triplet_weight: float = 1.0
-    triplet_margin: float = 0.3
+    triplet_margin: float = 0.35
     kd_weight: float = 1.0
     temperature: float = 2.0
     feat_weight: float = 0.5
+    feat_tap: str = "before"   # student side of the feature term: "before" (authors') or "after" its compactor
     pairs: Dict[str, str] = field(default_factory=dict)  # student module -> teacher module (explicit pairing)
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "LossConfig")
+        if not isinstance(self.pairs, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in self.pairs.items()):
+            raise ConfigError(f"LossConfig.pairs={self.pairs!r} must map student module names to teacher module "
+                              "names, e.g. {'layer1.0.bn2': 'layer1.0.bn2'}")
         for key in ("ce_weight", "triplet_weight", "kd_weight", "feat_weight"):
             if float(getattr(self, key)) < 0:
                 raise ConfigError(f"LossConfig.{key}={getattr(self, key)} is negative; use 0 to switch the term off")
@@ -55,7 +66,10 @@ class LossConfig:
         if self.temperature <= 0:
             raise ConfigError(f"LossConfig.temperature={self.temperature} must be > 0; 2.0 is the default")
         if self.triplet_margin < 0:
-            raise ConfigError(f"LossConfig.triplet_margin={self.triplet_margin} must be >= 0; 0.3 is the default")
+            raise ConfigError(f"LossConfig.triplet_margin={self.triplet_margin} must be >= 0; 0.35 is the default")
+        if self.feat_tap not in FEAT_TAPS:
+            raise ConfigError(f"LossConfig.feat_tap={self.feat_tap!r} is unknown; use 'before' (the authors': the "
+                              "student's feature before its compactor) or 'after' (the compacted feature)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +159,6 @@ class CDDDistiller(nn.Module):
     # -- pairing -------------------------------------------------------------------------
     def _pair(self):
         """site name -> (student module, where, teacher module); unpaired sites listed with why."""
-        s_mods = dict(self.student.named_modules())
         t_mods = dict(self.teacher.named_modules())
         explicit = dict(self.losses.pairs)
         pairs, unpaired = {}, {}
@@ -171,19 +184,23 @@ class CDDDistiller(nn.Module):
         s_mods = dict(self.student.named_modules())
         t_mods = dict(self.teacher.named_modules())
         self._taps: Dict[str, Tuple[str, Optional[str]]] = {}
+        before = self.losses.feat_tap == "before"
         for site in self.cdd.sites:
             sname, where = site.tap
             tname = self.pairs[site.name][2] if site.name in self.pairs else None
             self._taps[site.name] = (sname, tname)
-            for mod in ([s_mods[sname]] + ([t_mods[tname]] if tname else [])):
+            for mod, is_student in ([(s_mods[sname], True)] + ([(t_mods[tname], False)] if tname else [])):
                 hooks, fn = ((mod._forward_pre_hooks, tap_input) if where == "input"
                              else (mod._forward_hooks, tap_output))
                 if fn in hooks.values():
                     continue  # a teacher shared by several distillers is tapped once
+                # the student's compactor is a hook on the same module: a tap prepended to it
+                # reads the feature before the compactor, one appended reads it after
+                prepend = is_student and before
                 if where == "input":
-                    mod.register_forward_pre_hook(tap_input)
+                    mod.register_forward_pre_hook(tap_input, prepend=prepend)
                 else:
-                    mod.register_forward_hook(tap_output)
+                    mod.register_forward_hook(tap_output, prepend=prepend)
 
     def _arm(self, on: bool) -> None:
         for sname, tname in self._taps.values():
@@ -221,10 +238,14 @@ class CDDDistiller(nn.Module):
             with torch.no_grad():
                 t_logits, t_emb = self.teacher_forward(self.teacher, images, labels)
             t_feats = self._collect(self.teacher, teacher=True)
+            self.cdd.capture(True)
             s_logits, s_emb = self.student_forward(self.student, images, labels)
             s_feats = self._collect(self.student, teacher=False)
+            # RGGR's student feature: the pooled output of each compactor
+            r_feats = {n: d.last_pooled for n, d in self.cdd.compactors.items() if d.last_pooled is not None}
         finally:
             self._arm(False)
+            self.cdd.capture(False)
         out: Dict[str, torch.Tensor] = {}
         if cfg.ce_weight > 0:
             if s_logits is None:
@@ -254,12 +275,18 @@ class CDDDistiller(nn.Module):
                      for n in self.pairs if n in s_feats and n in t_feats]
             if terms:
                 out["loss_feat"] = cfg.feat_weight * torch.stack(terms).sum()
-        self.cdd.observe({n: f.detach() for n, f in s_feats.items()},
-                         {n: f.detach() for n, f in t_feats.items()})
+        self.cdd.observe(r_feats, {n: f.detach() for n, f in t_feats.items()})
         out["cdd_sparsity"] = torch.tensor(self.cdd.lasso_value(), device=s_emb.device)
         return out
 
 
 def total_loss(losses: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the ``loss_*`` terms (``cdd_sparsity`` is a logged figure; RGGR applies the lasso)."""
-    return sum(v for k, v in losses.items() if k.startswith("loss"))
+    if not isinstance(losses, Mapping):
+        raise TypeError(f"total_loss needs the dict of named losses a CDDDistiller returns in training mode, got a "
+                        f"{type(losses).__name__} (in eval mode the distiller returns the student's embedding). "
+                        "Fix: call distiller.train() before the training step")
+    terms = [v for k, v in losses.items() if k.startswith("loss")]
+    if not terms:
+        raise ValueError(f"no loss term among {sorted(losses)}: every LossConfig weight is 0; switch a term on")
+    return sum(terms)

@@ -17,12 +17,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.utils import op_counter
 
 from .dgc import DGC
+from .graph import get_module, is_depthwise, run
 
 
 def _call_flops(module: nn.Module, inputs, output) -> int:
@@ -63,7 +63,6 @@ class FlopsModel:
 
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Any, sites, *, forward_fn: Optional[Callable] = None) -> "FlopsModel":
-        from .surgery import _get_module, _is_depthwise, _run
 
         index = {s.name: i for i, s in enumerate(sites)}
         S = len(sites)
@@ -73,22 +72,22 @@ class FlopsModel:
         folded_norms = set()
         gains_bias: Dict[int, int] = {}
         for i, s in enumerate(sites):
-            prod = _get_module(model, s.producer)
+            prod = get_module(model, s.producer)
             out_site[id(prod)] = i
             if s.depthwise:
-                out_site[id(_get_module(model, s.depthwise))] = i
+                out_site[id(get_module(model, s.depthwise))] = i
             for cname in s.consumers:
                 share = s.consumer_shares.get(cname, s.channels)
-                in_sites.setdefault(id(_get_module(model, cname)), []).append((i, share))
+                in_sites.setdefault(id(get_module(model, cname)), []).append((i, share))
             if s.norm:
-                out_site[id(_get_module(model, s.norm))] = i
+                out_site[id(get_module(model, s.norm))] = i
             if s.kind in ("out", "diag"):
-                target = _get_module(model, s.depthwise or s.producer)
+                target = get_module(model, s.depthwise or s.producer)
                 if s.norm:
-                    folded_norms.add(id(_get_module(model, s.norm)))
+                    folded_norms.add(id(get_module(model, s.norm)))
                 if target.bias is None:
                     gains_bias[id(target)] = i
-        dgc_site = {id(_get_module(model, s.name)): index[s.name] for s in sites}
+        dgc_site = {id(get_module(model, s.name)): index[s.name] for s in sites}
 
         c0 = 0.0
         a = np.zeros(S)
@@ -128,7 +127,7 @@ class FlopsModel:
                 counted = counted if (module.bias is not None and supported) else 0
                 mac = fl - counted
                 bias = counted * (batch if isinstance(module, nn.Linear) else 1)
-                if _is_depthwise(module) and o is not None:
+                if is_depthwise(module) and o is not None:
                     a[o] += (mac + bias) / C[o]
                 else:
                     ins = in_sites.get(id(module), [])
@@ -187,7 +186,7 @@ class FlopsModel:
         model.eval()
         try:
             with torch.no_grad(), _CatTracker():
-                _run(model, example_inputs, forward_fn)
+                run(model, example_inputs, forward_fn)
         finally:
             for h in handles:
                 h.remove()

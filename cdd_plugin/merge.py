@@ -1,23 +1,23 @@
-"""Merge: fold BatchNorms and DGCs into the convolutions, cut zero channels, save/load safely."""
+"""Merge: fold BatchNorms and DGCs into the convolutions, cut the zero channels, and check that
+the merged network computes what the trained one computes (the merged-file format is in
+``export``)."""
 from __future__ import annotations
 
 import copy
 import logging
-import os
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from .dgc import DGC, strip_cdd_hooks
-from .files import atomic_save
-from .surgery import _get_module, _run, _set_module, build_graph, detach, find_dgcs
+from .dgc import DGC, kept_count, strip_cdd_hooks
+from .graph import (SurgeryError, build_graph, check_inputs, find_dgcs, flat_tensors, get_module, run, set_module,
+                    to_double)
+from .surgery import detach
 
 logger = logging.getLogger("cdd_plugin")
 
-FORMAT = "cdd_plugin.merged"
-FORMAT_VERSION = 1
 
 
 class MergeError(RuntimeError):
@@ -40,13 +40,16 @@ def _set_weight_bias(layer: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor
         layer.bias = nn.Parameter(b.contiguous())
 
 
-def _zero_channels(dgc: DGC, threshold: float, min_keep: int) -> List[int]:
+def _zero_channels(dgc: DGC, threshold: float, min_keep: int, round_to: int = 1) -> List[int]:
+    """The rows merge cuts: those below ``threshold``, less the largest of them needed to keep
+    ``kept_count`` rows (at least ``min_keep``, a multiple of ``round_to``)."""
     norms = dgc.channel_norms()
     below = (norms < threshold).nonzero().flatten().tolist()
-    keep_at_least = min(min_keep, dgc.channels)
-    if dgc.channels - len(below) < keep_at_least:
-        order = torch.argsort(norms, descending=True, stable=True).tolist()
-        protect = set(order[:keep_at_least])
+    keep = kept_count(dgc.channels - len(below), dgc.channels, min_keep, round_to)
+    extra = keep - (dgc.channels - len(below))
+    if extra > 0:
+        by_norm = sorted(below, key=lambda c: (-float(norms[c]), c))
+        protect = set(by_norm[:extra])
         below = [c for c in below if c not in protect]
     return below
 
@@ -57,11 +60,11 @@ def _fold_site(model: nn.Module, site: dict, dgc: DGC, zero: List[int]) -> None:
     Q = dgc.matrix().to(torch.float64)
     kind = site["kind"]
     if kind in ("out", "diag"):
-        target = _get_module(model, site["depthwise"] or site["producer"])
+        target = get_module(model, site["depthwise"] or site["producer"])
         w = target.weight.detach().to(torch.float64)
         b = None if target.bias is None else target.bias.detach().to(torch.float64)
         if site["norm"]:
-            bn = _get_module(model, site["norm"])
+            bn = get_module(model, site["norm"])
             w, b = _fold_bn(w, b, _to64(bn))
         if kind == "diag":
             q = torch.diagonal(Q)
@@ -76,9 +79,9 @@ def _fold_site(model: nn.Module, site: dict, dgc: DGC, zero: List[int]) -> None:
         _set_weight_bias(target, w.to(dt), b.to(dt))
         detach(model, site["host"])
         if site["norm"]:
-            _set_module(model, site["norm"], nn.Identity())
+            set_module(model, site["norm"], nn.Identity())
     else:  # input side: fold forward into the consumer
-        consumer = _get_module(model, site["host"])
+        consumer = get_module(model, site["host"])
         w = consumer.weight.detach().to(torch.float64)
         if isinstance(consumer, nn.Linear):
             w = w @ Q
@@ -112,11 +115,16 @@ def _prune_fn(layer: nn.Module, kind: str):
 
 def merge(model: nn.Module, *, inplace: bool = False, threshold: Optional[float] = None,
           example_inputs: Any = None, customized_pruners: Optional[dict] = None,
-          forward_fn=None) -> nn.Module:
+          forward_fn=None, verify: bool = True) -> nn.Module:
     """Fold every DGC and its BatchNorm into the adjacent convolution, remove the channels
     whose group norm is below ``threshold`` (default: the one given to ``insert_dgc``)
     and return a plain, narrower network in eval mode. ``model`` is left untouched
     unless ``inplace=True``; a failing merge leaves no half-merged model behind.
+
+    Exactness is checked, not assumed (``verify``): the merged network and the trained one
+    with the removed channels set to zero are run in float64 on the example inputs; if they
+    differ, merge refuses and names the site whose cut changed the function. Compactors with
+    NaN or infinite weights are refused before anything is built.
     """
     if getattr(model, "_cdd_merged", False):
         raise MergeError("this model is already merged (merge was called on its result); merge the trained "
@@ -125,6 +133,12 @@ def merge(model: nn.Module, *, inplace: bool = False, threshold: Optional[float]
     if not dgcs:
         raise MergeError(f"{type(model).__name__} has no DGCs: nothing to merge. Call cdd_plugin.insert_dgc(model, "
                          "example_inputs, cfg) before training, and merge that model afterwards")
+    bad = [n for n, d in dgcs.items() if not bool(torch.isfinite(d.weight).all())]
+    if bad:
+        raise MergeError(f"the compactor {bad[0]} holds NaN or infinite weights ({len(bad)} compactor(s) in all), so no "
+                         "merged network could compute what the trained one computes. Fix: resume from the last "
+                         "checkpoint whose compactors are finite (a non-finite step was taken: lower the learning "
+                         "rate, or train with a loss scaler that skips such steps)")
     if example_inputs is None:
         example_inputs = getattr(model, "_cdd_example_inputs", None)
         if example_inputs is None:
@@ -133,29 +147,85 @@ def merge(model: nn.Module, *, inplace: bool = False, threshold: Optional[float]
         customized_pruners = getattr(model, "_cdd_customized_pruners", None)
     if forward_fn is None:
         forward_fn = getattr(model, "_cdd_forward_fn", None)
-    work = copy.deepcopy(model)
-    dev_param = next(work.parameters())
+    dtype = next(model.parameters()).dtype
     plan = []
     for name, dgc in dgcs.items():
-        site = getattr(work.get_submodule(name), "site", None)
+        site = getattr(dgc, "site", None)
         if site is None:
             raise MergeError(f"DGC {name} carries no site description; it was not inserted by cdd_plugin.insert_dgc")
         thr = float(threshold if threshold is not None else getattr(dgc, "threshold", 1e-5))
-        zero = _zero_channels(dgc, thr, int(getattr(dgc, "min_channels", 1)))
-        plan.append((site, work.get_submodule(name), zero))
+        plan.append((name, site, _zero_channels(dgc, thr, int(getattr(dgc, "min_channels", 1)),
+                                                int(getattr(dgc, "round_to", 1)))))
+    _check_merge_inputs(model, example_inputs, forward_fn)
+    try:
+        work = _build_merged(model, plan, example_inputs, customized_pruners, forward_fn)
+    except MergeError:
+        raise
+    except Exception as exc:
+        culprit = _find_culprit(model, plan, example_inputs, customized_pruners, forward_fn) if verify else None
+        raise MergeError(f"merging failed{f' at {culprit}' if culprit else ''} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300]}); the trained model is unchanged. Fix: train with that "
+                         "layer in insert_dgc(..., ignored_layers=[...]), or report the architecture") from exc
+    if verify:
+        diff = _difference(model, work, plan, example_inputs, forward_fn)
+        if diff > _TOLERANCE:
+            culprit = _find_culprit(model, plan, example_inputs, customized_pruners, forward_fn)
+            raise MergeError(f"the merged network would not compute what the trained one computes (relative "
+                             f"difference {diff:.1e} in float64{f', caused by the channels cut at {culprit}' if culprit else ''}"
+                             "), so merge refuses to return it; the trained model is unchanged. Fix: insert_dgc "
+                             "with that layer in ignored_layers (its channels do not reach the next layers one to "
+                             "one), or report the architecture")
+    work.to(dtype)
+    if inplace:
+        # replace the caller's model contents only once everything above succeeded
+        model.__dict__.update(work.__dict__)
+        return model
+    return work
+
+
+#: largest relative output difference (float64) between a merged network and the trained one
+_TOLERANCE = 1e-4
+
+
+def _check_merge_inputs(model: nn.Module, example_inputs: Any, forward_fn) -> None:
+    try:
+        check_inputs(_as_float(copy.deepcopy(model)), _as_float(example_inputs), forward_fn)
+    except SurgeryError as exc:
+        raise MergeError(str(exc).replace("example_inputs", "merge's example_inputs", 1)) from None
+
+
+def _as_float(x):
+    """Floating tensors (and modules) in float32 unless they are float64: torch-pruning traces and the
+    folding run in full precision; the merged network is cast back to the model's dtype."""
+    if isinstance(x, nn.Module):
+        p = next(x.parameters(), None)
+        return x.float() if p is not None and p.dtype not in (torch.float32, torch.float64) else x
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64) else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_as_float(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _as_float(v) for k, v in x.items()}
+    return x
+
+
+def _build_merged(model: nn.Module, plan, example_inputs, customized_pruners, forward_fn) -> nn.Module:
+    work = _as_float(copy.deepcopy(model))
+    dev_param = next(work.parameters())
     work.eval()
-    for site, dgc, zero in plan:
+    folded = [(site, work.get_submodule(name), zero) for name, site, zero in plan]
+    for site, dgc, zero in folded:
         _fold_site(work, site, dgc, zero)
-    if any(zero for _, _, zero in plan):
-        DG = build_graph(work, _to_device(example_inputs, dev_param.device), customized_pruners=customized_pruners,
-                         forward_fn=forward_fn)
-        for site, _, zero in plan:
+    if any(zero for _, _, zero in folded):
+        DG = build_graph(work, _to_device(_as_float(example_inputs), dev_param.device),
+                         customized_pruners=customized_pruners, forward_fn=forward_fn)
+        for site, _, zero in folded:
             if not zero:
                 continue
             if site["kind"] == "in":
-                layer = _get_module(work, site["host"])
+                layer = get_module(work, site["host"])
             else:
-                layer = _get_module(work, site["depthwise"] or site["producer"])
+                layer = get_module(work, site["depthwise"] or site["producer"])
             group = DG.get_pruning_group(layer, _prune_fn(layer, site["kind"]), sorted(zero))
             group.prune()
     strip_cdd_hooks(work)
@@ -164,11 +234,52 @@ def merge(model: nn.Module, *, inplace: bool = False, threshold: Optional[float]
         if hasattr(work, attr):
             delattr(work, attr)
     work._cdd_merged = True
-    if inplace:
-        # replace the caller's model contents only once everything above succeeded
-        model.__dict__.update(work.__dict__)
-        return model
     return work
+
+
+@torch.no_grad()
+def _difference(model: nn.Module, merged: nn.Module, plan, example_inputs, forward_fn) -> float:
+    """Largest relative output difference (float64) between ``merged`` and ``model`` with the
+    channels the plan removes set to zero (the function merge promises); inf when the merged
+    network cannot run or its outputs have other shapes."""
+    ref = copy.deepcopy(model).double()
+    ref.eval()  # some frameworks' train() returns None: no chaining
+    for name, _, zero in plan:
+        ref.get_submodule(name).zero_(zero)
+    x = to_double(example_inputs)
+    dev = next(ref.parameters()).device
+    want = flat_tensors(run(ref, _to_device(x, dev), forward_fn))
+    try:
+        net = copy.deepcopy(merged).double()
+        net.eval()
+        got = flat_tensors(run(net, _to_device(x, dev), forward_fn))
+    except Exception:
+        return float("inf")
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, want):
+        if not a.is_floating_point():
+            continue
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        err = float((a - b).abs().max()) if b.numel() else 0.0
+        worst = max(worst, err / max(scale, 1e-12) if scale > 0 else err)
+    return worst
+
+
+def _find_culprit(model: nn.Module, plan, example_inputs, customized_pruners, forward_fn) -> Optional[str]:
+    """The first site whose cut alone breaks the merge (None if no single site does)."""
+    for i, (name, site, zero) in enumerate(plan):
+        if not zero:
+            continue
+        alone = [(n, s, z if j == i else []) for j, (n, s, z) in enumerate(plan)]
+        try:
+            work = _build_merged(model, alone, example_inputs, customized_pruners, forward_fn)
+        except Exception:
+            return name
+        if _difference(model, work, alone, example_inputs, forward_fn) > _TOLERANCE:
+            return name
+    return None
 
 
 def _to_device(x, device):
@@ -181,125 +292,3 @@ def _to_device(x, device):
     return x
 
 
-# -- safe files ------------------------------------------------------------------------------
-_SIMPLE = (int, float, bool, str, type(None))
-
-
-def _spec(m: nn.Module) -> Optional[dict]:
-    """Constructor arguments of the layer types merge changes (enough to rebuild them)."""
-    if isinstance(m, nn.Conv2d):
-        return {"type": "Conv2d", "args": [m.in_channels, m.out_channels],
-                "kwargs": {"kernel_size": list(m.kernel_size), "stride": list(m.stride),
-                           "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
-                           "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
-                           "padding_mode": m.padding_mode}}
-    if isinstance(m, nn.Linear):
-        return {"type": "Linear", "args": [m.in_features, m.out_features], "kwargs": {"bias": m.bias is not None}}
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return {"type": type(m).__name__ if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) else "BatchNorm2d",
-                "args": [m.num_features], "kwargs": {"eps": m.eps, "momentum": m.momentum, "affine": m.affine,
-                                                     "track_running_stats": m.track_running_stats}}
-    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
-        return {"type": "InstanceNorm2d", "args": [m.num_features],
-                "kwargs": {"eps": m.eps, "momentum": m.momentum, "affine": m.affine,
-                           "track_running_stats": m.track_running_stats}}
-    if isinstance(m, nn.PReLU):
-        return {"type": "PReLU", "args": [], "kwargs": {"num_parameters": m.num_parameters}}
-    if isinstance(m, nn.Identity):
-        return {"type": "Identity", "args": [], "kwargs": {}}
-    return None
-
-
-_BUILD = {"Conv2d": nn.Conv2d, "Linear": nn.Linear, "BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d,
-          "InstanceNorm2d": nn.InstanceNorm2d, "PReLU": nn.PReLU, "Identity": nn.Identity}
-
-
-def channel_plan(merged: nn.Module) -> Dict[str, dict]:
-    """Per module: layer spec (for the types merge changes) and simple integer attributes."""
-    plan = {}
-    for name, m in merged.named_modules():
-        if not name:
-            continue
-        entry: Dict[str, Any] = {}
-        spec = _spec(m)
-        if spec is not None:
-            entry["spec"] = spec
-        attrs = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"
-                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if attrs:
-            entry["attrs"] = attrs
-        if entry:
-            plan[name] = entry
-    return plan
-
-
-def save_merged(merged: nn.Module, path: str, *, meta: Optional[dict] = None) -> None:
-    """Write a merged model as data only (channel plan + tensors), atomically.
-
-    The file loads with ``torch.load(path, weights_only=True)``; ``load_merged`` rebuilds
-    the narrow network on top of a freshly built dense model of the same architecture.
-    """
-    if find_dgcs(merged):
-        raise MergeError("save_merged expects the result of cdd_plugin.merge(model); this model still has DGCs")
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "plan": channel_plan(merged),
-               "state_dict": {k: v.detach().cpu() for k, v in merged.state_dict().items()},
-               "meta": dict(meta or {})}
-    atomic_save(payload, path)
-
-
-def read_merged(path: str) -> dict:
-    """Load a merged-model file safely (weights_only) and check that it is ours."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; save it with cdd_plugin.save_merged(merged, path)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable cdd_plugin merged model (truncated or not a safe torch file: "
-                         f"{type(exc).__name__}: {str(exc)[:200]}). Re-export it with cdd_plugin.save_merged") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a cdd_plugin merged model (format tag missing); if it is an ordinary "
-                         "checkpoint, load it with the framework that wrote it")
-    if payload.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has merged-model format version {payload.get('version')}, this cdd_plugin reads "
-                         f"version {FORMAT_VERSION}; upgrade cdd_plugin")
-    return payload
-
-
-def load_merged(path, model: nn.Module) -> nn.Module:
-    """Rebuild the narrow network on ``model`` (a fresh dense instance of the student
-    architecture, without DGCs) from the file's channel plan, load its weights, return it.
-    ``path`` may also be the dict ``read_merged`` returned."""
-    if isinstance(path, dict):
-        payload, path = path, "<merged payload>"
-        if payload.get("format") != FORMAT:
-            raise ValueError("the payload is not a cdd_plugin merged model; pass read_merged(path) or a path")
-    else:
-        payload = read_merged(path)
-    plan: Dict[str, dict] = payload["plan"]
-    names = dict(model.named_modules())
-    missing = [n for n in plan if n not in names and n.rpartition(".")[0] not in plan]
-    if missing:
-        raise ValueError(f"{path} was saved from a different architecture: modules {missing[:3]} do not exist in "
-                         f"{type(model).__name__}; build the same student architecture before loading")
-    for name, entry in plan.items():
-        spec = entry.get("spec")
-        if spec is None:
-            continue
-        current = model.get_submodule(name) if name in dict(model.named_modules()) else None
-        if current is not None and _spec(current) == spec:
-            continue
-        cls = _BUILD[spec["type"]]
-        kwargs = dict(spec["kwargs"])
-        for key in ("kernel_size", "stride", "dilation", "padding"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = tuple(kwargs[key])
-        _set_module(model, name, cls(*spec["args"], **kwargs))
-    for name, entry in plan.items():
-        for k, v in entry.get("attrs", {}).items():
-            mod = model.get_submodule(name)
-            if hasattr(mod, k) and getattr(mod, k) != v and not isinstance(getattr(mod, k), nn.Module):
-                setattr(mod, k, v)
-    result = model.load_state_dict(payload["state_dict"], strict=True)
-    model.eval()
-    model._cdd_merged = True
-    return model

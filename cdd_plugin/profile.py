@@ -11,7 +11,7 @@ from torch import nn
 from torch_pruning.utils import op_counter
 
 from .dgc import DGC
-from .surgery import _run
+from .graph import run as _run
 
 
 def _dgc_macs_per_image(module: DGC, x: torch.Tensor) -> int:

@@ -90,6 +90,17 @@ def validate_summary(summary: Any, source: str = "summary") -> dict:
             raise bad(f"rows[{i}] params / flops must be integers")
         if row["latency_ms"] is not None and not isinstance(row["latency_ms"], (int, float)):
             raise bad(f"rows[{i}].latency_ms must be a number or null")
+        by = row.get("latency_ms_by_batch")
+        if by is not None and (not isinstance(by, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in by.values())):
+            raise bad(f"rows[{i}].latency_ms_by_batch must map batch sizes to numbers")
+    channels = summary.get("channels")
+    if channels is not None:
+        if not isinstance(channels, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("layer"), str)
+                and all(isinstance(c.get(k), int) and not isinstance(c.get(k), bool) for k in ("before", "after"))
+                for c in channels):
+            raise bad("'channels' must be a list of {layer, before, after} objects with integer channel counts")
     names = [r["name"] for r in summary["rows"]]
     missing = [n for n in ("student_unmerged", "student_merged") if n not in names]
     if missing:
@@ -102,6 +113,10 @@ def load_summary(path: os.PathLike | str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not a text (JSON) summary; it looks like a binary file (a .pth?). Pass a run "
+                          "folder or its summary.json / cdd_summary.json; inspect merged models with `cdd profile`") \
+            from None
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path} is not valid JSON ({exc}); the run was probably interrupted while writing it: "
                           "rerun it") from exc

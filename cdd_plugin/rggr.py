@@ -6,8 +6,10 @@ image are found with its TEACHER feature among the queued teacher features of th
 image's own teacher feature is usually its first neighbour). The contribution of channel
 c to a (query, neighbour) match is |t_n[c] * s_q[c]|; a channel is unimportant when it is
 among the ``ratio`` smallest contributions for EVERY pair of the batch.
-``select_unimportant_loop`` is the per-sample, set-intersection form the authors wrote;
-both use a stable sort, so they return identical masks (tests and
+``select_unimportant_loop`` is the per-sample, set-intersection form the authors wrote.
+One tie-break holds for both: among equally close queued features the lower queue index is
+the nearer neighbour, and among equal contributions the lower channel index is the smaller
+(stable sorts); so they return identical masks, ties included (tests and
 ``benchmarks/bench_rggr.py`` check it).
 """
 from __future__ import annotations
@@ -35,17 +37,23 @@ def _check(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int, ratio: 
         raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
 
 
-def _neighbours(t: torch.Tensor, bank: torch.Tensor, k: int, metric: str,
-                bank_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
-    k = min(k, bank.shape[0])
+def similarities(t: torch.Tensor, bank: torch.Tensor, metric: str,
+                 bank_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, N] closeness of each query's teacher feature to each queued one (higher = closer):
+    cosine similarity, or minus the L2 distance."""
     if metric == "cosine":
         # dividing the similarities by cached row norms avoids writing a normalised copy of
         # the whole bank (hundreds of MB for a ResNet-50 with the paper's queues) per refresh
         norms = bank.norm(dim=1) if bank_norms is None else bank_norms
-        sim = (F.normalize(t, dim=1) @ bank.t()) / norms.clamp_min(1e-12)
-        return sim.topk(k, dim=1).indices
-    dist = torch.cdist(t, bank)
-    return dist.topk(k, dim=1, largest=False).indices
+        return (F.normalize(t, dim=1) @ bank.t()) / norms.clamp_min(1e-12)
+    return -torch.cdist(t, bank)
+
+
+def neighbours(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, K] indices of the ``k`` closest queued features. Tie-break: among equally close
+    features the one queued at the lower index comes first (a stable sort)."""
+    k = min(k, sim.shape[1])
+    return torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
 
 
 def num_candidates(channels: int, ratio: float) -> int:
@@ -60,7 +68,7 @@ def select_unimportant(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: 
     ``bank_norms`` (optional) are the bank's row norms, cached by ``MemoryQueue``."""
     _check(s, t, bank, k, ratio, metric)
     s, t, bank = s.float(), t.float(), bank.float()
-    idx = _neighbours(t, bank, k, metric, bank_norms)          # [B, K]
+    idx = neighbours(similarities(t, bank, metric, bank_norms), k)  # [B, K]
     contrib = (bank[idx] * s[:, None, :]).abs()                # [B, K, C]
     n = num_candidates(s.shape[1], ratio)
     order = torch.argsort(contrib, dim=-1, stable=True)[..., :n]
@@ -71,21 +79,18 @@ def select_unimportant(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: 
 @torch.no_grad()
 def select_unimportant_loop(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: int, ratio: float,
                             metric: str = "cosine") -> torch.Tensor:
-    """Reference per-sample form with Python set intersections (slow; for tests and benchmarks)."""
+    """Reference per-sample form with Python set intersections, the authors' (slow; for tests and
+    benchmarks). The neighbour search is the shared one (same similarities, same tie-break), so
+    both forms see the same pairs; candidates are the first ``n`` of a stable ascending sort of
+    the contributions (ties: the lower channel index first), as in the vectorised form."""
     _check(s, t, bank, k, ratio, metric)
     s, t, bank = s.float(), t.float(), bank.float()
     C = s.shape[1]
     n = num_candidates(C, ratio)
-    kk = min(k, bank.shape[0])
+    nbr = neighbours(similarities(t, bank, metric), k)
     common: Optional[set] = None
     for q in range(s.shape[0]):
-        if metric == "cosine":
-            sims = F.cosine_similarity(t[q:q + 1], bank, dim=1)
-            nbrs = sims.topk(kk).indices.tolist()
-        else:
-            d = (bank - t[q:q + 1]).pow(2).sum(1).sqrt()
-            nbrs = d.topk(kk, largest=False).indices.tolist()
-        for j in nbrs:
+        for j in nbr[q].tolist():
             contrib = (bank[j] * s[q]).abs()
             cand = set(torch.argsort(contrib, stable=True)[:n].tolist())
             common = cand if common is None else common & cand

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import CDDConfig
-from .dgc import DGC
+from .dgc import DGC, kept_count
 from .flops import FlopsModel
-from .rggr import MemoryQueue, select_unimportant
-from .surgery import DGCSite, Skipped
+from .criteria import build_criterion
+from .rggr import MemoryQueue
+from .placement import DGCSite, Skipped
 
 logger = logging.getLogger("cdd_plugin")
 
@@ -54,6 +54,7 @@ class CDDState:
         self._pending: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_update: Dict[str, int] = {}
         self.history: List[dict] = []
+        self.criterion = build_criterion(cfg.criterion)
 
     # -- introspection -------------------------------------------------------------------
     def tap_points(self) -> Dict[str, Tuple[str, str]]:
@@ -67,11 +68,12 @@ class CDDState:
         return {n: int(d.mask.sum().item()) for n, d in self.compactors.items()}
 
     def kept_channels(self) -> Dict[str, int]:
-        """Channels merge would keep now (group norm >= threshold; at least ``min_channels``)."""
+        """Channels merge would keep now (group norm not below the threshold; at least ``min_channels``).
+        A NaN norm counts as kept, as merge counts it (and merge refuses non-finite compactors)."""
         out = {}
         for n, d in self.compactors.items():
-            kept = int((d.channel_norms() >= self.cfg.threshold).sum().item())
-            out[n] = max(kept, min(self.cfg.min_channels, d.channels))
+            kept = int((~(d.channel_norms() < self.cfg.threshold)).sum().item())
+            out[n] = kept_count(kept, d.channels, self.cfg.min_channels, self.cfg.round_to)
         return out
 
     def predicted_flops(self, kept: Optional[Dict[str, int]] = None) -> int:
@@ -81,7 +83,8 @@ class CDDState:
 
     def planned_flops(self) -> int:
         """FLOPs once every masked channel has reached zero."""
-        return self.predicted_flops({n: max(a, self.cfg.min_channels) for n, a in self.active_channels().items()})
+        return self.predicted_flops({n: kept_count(a, self.compactors[n].channels, self.cfg.min_channels,
+                                                   self.cfg.round_to) for n, a in self.active_channels().items()})
 
     def dense_flops(self) -> int:
         return self.flops_model.dense()
@@ -119,6 +122,31 @@ class CDDState:
                 more = f" (+{len(sk.layers) - 1} coupled)" if len(sk.layers) > 1 else ""
                 lines.append(f"    {sk.layers[0]}{more}: {sk.reason}")
         return "\n".join(lines)
+
+    def apply_weight_decay_policy(self, optimizer: torch.optim.Optimizer) -> int:
+        """Make ``optimizer`` follow ``cfg.decay_compactors``: with False, every compactor whose
+        group has weight decay is moved to a group of its own with the same settings and
+        ``weight_decay=0``; with True (the authors') nothing changes. Returns how many
+        compactor parameters were moved. Both optimizer wrappers call it once."""
+        if self.cfg.decay_compactors:
+            return 0
+        dgc = {id(d.weight) for d in self.compactors.values()}
+        moved = 0
+        for group in list(optimizer.param_groups):
+            if not group.get("weight_decay", 0.0):
+                continue
+            mine = [p for p in group["params"] if id(p) in dgc]
+            if not mine:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in dgc]
+            new = {k: v for k, v in group.items() if k != "params"}
+            new.update(params=mine, weight_decay=0.0)
+            if not group["params"]:
+                group.update(new)
+            else:
+                optimizer.add_param_group(new)
+            moved += len(mine)
+        return moved
 
     # -- per-step hooks ------------------------------------------------------------------
     def capture(self, on: bool = True) -> None:
@@ -162,34 +190,71 @@ class CDDState:
         return (c.criterion != "none" and self.iteration >= c.mask_start
                 and (self.iteration - c.mask_start) % c.mask_interval == 0)
 
+    def pending(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """This step's pooled (student, teacher) features per site, as ``observe`` received them."""
+        return dict(self._pending)
+
     @torch.no_grad()
     def on_step(self) -> None:
         """Advance the schedule by one optimizer step, refreshing masks when due."""
-        if self._due():
-            if self.cfg.criterion == "rggr":
-                self._update_rggr()
-            elif self.cfg.criterion == "norm":
-                self._update_norm()
+        if self._due() and not self._flops_met(self.active_channels()):
+            proposals = self.criterion.propose(self)
+            if proposals:
+                n = self._apply(proposals)
+                if n:
+                    logger.debug("%s masked %d channel(s) at iteration %d", self.criterion.name, n, self.iteration)
         self._pending.clear()
         self.iteration += 1
+
+    def nonfinite_gradients(self) -> List[str]:
+        """Names of the compactors whose gradient holds a NaN or an infinity."""
+        return [n for n, d in self.compactors.items()
+                if d.weight.grad is not None and not bool(torch.isfinite(d.weight.grad).all())]
+
+    def step(self, optimizer: torch.optim.Optimizer, inner_step, *, overflow: Optional[bool] = None):
+        """THE step protocol of CDD, called by every optimizer wrapper between backward and the
+        parameter update: refresh the masks when the schedule says so, apply the RGGR gradient
+        edit, run ``inner_step()`` (the wrapped optimizer's or the loss scaler's step), then the
+        proximal snap. One policy for non-finite gradients:
+
+        * ``overflow=True`` (a loss scaler found infinities after unscaling): CDD does nothing;
+          ``inner_step()`` runs so the scaler can skip the update and lower its scale. Masks,
+          queues, compactors and the schedule stay as they were.
+        * otherwise, if any compactor gradient is not finite, ``FloatingPointError`` is raised
+          before anything changes (no scaler is there to skip the step).
+        """
+        if overflow:
+            self._pending.clear()
+            return inner_step()
+        bad = self.nonfinite_gradients()
+        if bad:
+            raise FloatingPointError(
+                f"non-finite gradients at iteration {self.iteration} (first at {bad[0]}); the step was not taken, "
+                "so weights and masks are unchanged. Fix: lower the learning rate, check the inputs for NaNs, or "
+                "train with a loss scaler (torch.amp.GradScaler, mmengine's AmpOptimWrapper), which skips such steps")
+        self.on_step()
+        self.reset_gradients(check_finite=False)
+        out = inner_step()
+        self.after_step(optimizer)
+        return out
 
     @torch.no_grad()
     def reset_gradients(self, check_finite: bool = True) -> None:
         """RGGR gradient edit: grad = mask * grad_task + lasso * Q_group / ||Q_group||.
 
         A DGC whose gradient is not finite is left alone (an AMP scaler skips that step)."""
-        lam = self.cfg.lasso
+        lam, lam_masked = self.cfg.lasso, self.cfg.masked_lasso
         for d in self.compactors.values():
             if check_finite and d.weight.grad is not None and not torch.isfinite(d.weight.grad).all():
                 continue
-            d.reset_grad_(lam)
+            d.reset_grad_(lam, lam_masked)
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> int:
         """Proximal step of the group lasso (``snap_to_zero``): set masked groups that lie
         within one optimizer step of zero exactly to zero, with their optimizer state.
         Call right after the inner optimizer's ``step()``; returns how many groups snapped."""
-        if not self.cfg.snap_to_zero or self.cfg.lasso <= 0:
+        if not self.cfg.snap_to_zero or max(self.cfg.lasso, self.cfg.masked_lasso or 0.0) <= 0:
             return 0
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         snapped = 0
@@ -201,7 +266,8 @@ class CDDState:
             if "betas" in g:  # Adam-like: steps of about lr whatever the gradient scale
                 reach = g["lr"]
             else:
-                reach = g["lr"] * self.cfg.lasso / max(1e-8, 1.0 - g.get("momentum", 0.0))
+                lam = self.cfg.lasso if self.cfg.masked_lasso is None else self.cfg.masked_lasso
+                reach = g["lr"] * lam / max(1e-8, 1.0 - g.get("momentum", 0.0))
             masked = d.mask == 0
             if not masked.any():
                 continue
@@ -224,7 +290,8 @@ class CDDState:
         target = self.cfg.flops_target
         if target is None:
             return False
-        kept = {n: max(a, self.cfg.min_channels) for n, a in active.items()}
+        kept = {n: kept_count(a, self.compactors[n].channels, self.cfg.min_channels, self.cfg.round_to)
+                for n, a in active.items()}
         return self.predicted_flops(kept) <= target * self.dense_flops()
 
     def _apply(self, proposals: List[Tuple[float, str, int]]) -> int:
@@ -244,42 +311,6 @@ class CDDState:
                 break
         return added
 
-    def _update_rggr(self) -> None:
-        if self._flops_met(self.active_channels()):
-            return
-        proposals = []
-        for name, (s, t) in self._pending.items():
-            d = self.compactors[name]
-            queue = self.queues[name]
-            unimportant = select_unimportant(s, t, queue.bank(), self.cfg.k, self.cfg.ratio, self.cfg.metric,
-                                             bank_norms=queue.bank_norms())
-            new = unimportant & (d.mask.bool().to(unimportant.device))
-            if new.any():
-                norms = d.channel_norms().cpu()
-                for c in new.nonzero().flatten().tolist():
-                    proposals.append((float(norms[c]), name, c))
-        if proposals:
-            n = self._apply(proposals)
-            if n:
-                logger.debug("RGGR masked %d channel(s) at iteration %d", n, self.iteration)
-
-    def _update_norm(self) -> None:
-        proposals = []
-        for name, d in self.compactors.items():
-            norms = d.channel_norms().cpu()
-            for c in d.mask.nonzero().flatten().tolist():
-                proposals.append((float(norms[c]), name, c))
-        proposals.sort()
-        active = self.active_channels()
-        chosen = []
-        for p in proposals:
-            if len(chosen) >= self.cfg.norm_step:
-                break
-            if active[p[1]] > self.cfg.min_channels:
-                chosen.append(p)
-                active[p[1]] -= 1
-        self._apply(chosen)
-
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -291,16 +322,38 @@ class CDDState:
             "queues": {n: q.state_dict() for n, q in self.queues.items()},
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def check_state_dict(self, sd: Any) -> None:
+        """Raise ValueError (naming the fix) if ``sd`` cannot be loaded into this state; change nothing."""
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
             raise ValueError("not a cdd_plugin CDD state (missing or unknown 'version'); pass the 'cdd' entry "
                              "that CDDState.state_dict() produced")
+        for key in ("iteration", "sites", "masks", "queues"):
+            if key not in sd:
+                raise ValueError(f"the CDD state lacks {key!r}; it is truncated or was not written by CDDState")
         mine = [(s.name, s.kind, s.channels) for s in self.sites]
         theirs = [tuple(x) for x in sd["sites"]]
         if mine != theirs:
             diff = sorted(set(mine) ^ set(theirs))[:4]
             raise ValueError(f"the checkpoint's DGC sites differ from this model's (e.g. {diff}); resume with the "
                              "same student architecture, example input size and surgery settings")
+        for n, d in self.compactors.items():
+            m = sd["masks"].get(n)
+            if not isinstance(m, torch.Tensor) or m.shape != d.mask.shape:
+                raise ValueError(f"the checkpoint's mask of {n} is missing or has another shape; it does not belong "
+                                 "to this model")
+        for n, q in self.queues.items():
+            qs = sd["queues"].get(n)
+            if not isinstance(qs, dict) or int(qs.get("size", -1)) != q.size:
+                raise ValueError(f"the checkpoint's memory queue of {n} holds {qs.get('size') if isinstance(qs, dict) else '?'} "
+                                 f"slots, this run is configured for {q.size}; resume with the same queue_size")
+            data = qs.get("data")
+            if data is not None and (data.dim() != 2 or data.shape[1] != q.channels or data.shape[0] > q.size):
+                raise ValueError(f"the checkpoint's memory queue of {n} has shape {tuple(data.shape)}, expected at "
+                                 f"most [{q.size}, {q.channels}]")
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore masks, queues and the schedule position; everything is checked before anything changes."""
+        self.check_state_dict(sd)
         self.iteration = int(sd["iteration"])
         for n, m in sd["masks"].items():
             self.compactors[n].mask.copy_(m.to(self.compactors[n].mask.device))

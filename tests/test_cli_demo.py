@@ -1,7 +1,7 @@
 """The `cdd` command as a user runs it: demo, profile, merge, report, and its errors.
 
 Every command runs as a subprocess through the installed console script (or
-``python -m cdd_plugin.cli`` where the script is missing), so these tests see exactly
+``python -m cdd_plugin.app`` where the script is missing), so these tests see exactly
 what a user sees: exit status, stdout, stderr and the files written.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 import torchvision
 
 import cdd_plugin
-from cdd_plugin import cli
+from cdd_plugin.app import cli
 
 _SCRIPT = Path(sys.executable).with_name("cdd")
-CDD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cdd_plugin.cli"]
+CDD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cdd_plugin.app"]
 ENV = {k: v for k, v in os.environ.items() if k != "CDD_DEBUG"}
 PNG = b"\x89PNG\r\n\x1a\n"
 ROWS = ("teacher", "student_unmerged", "student_merged")
@@ -344,3 +344,74 @@ def test_unknown_arch_families_fail_and_new_families_can_be_registered():
         assert arch.model.out_channels == 4 and arch.inputs(1, None).shape == (1, 3, 8, 8)
     finally:
         cli.ARCH_BUILDERS.pop("tiny")
+
+
+# -- bad command lines: one line naming the fix, never a traceback -------------------------------------------
+def _argparse_error(run, *args) -> str:
+    with pytest.raises(SystemExit) as info:
+        run(*args)
+    assert info.value.code == 2
+    return info
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("profile", "M.pth", "--batch", "0"), "batch size >= 1"),
+    (("profile", "M.pth", "--runs", "0"), "at least one timed run"),
+    (("profile", "M.pth", "--threads", "-1"), "at least one CPU thread"),
+    (("merge", "C.pth", "--out", "o.pth", "--num-classes", "-3"), "number of classes"),
+    (("merge", "C.pth", "--out", "o.pth", "--threshold", "nan"), "merge threshold > 0"),
+    (("demo", "--lasso", "nan"), "finite lasso"),
+    (("demo", "--flops-target", "1.5"), "kept FLOPs fraction"),
+    (("demo", "--epochs", "0"), "at least one epoch"),
+])
+def test_numbers_on_the_command_line_are_checked_before_anything_runs(capsys, tmp_path, args, needle):
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in args] + (["--out", str(tmp_path / "r")] if args[0] == "demo" else []))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # the demo never started
+
+
+def test_a_malformed_framework_config_is_one_line_naming_the_file(cdd_main, tmp_path, resnet18_student):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("MODEL:\n  BACKBONE: [unclosed\n")
+    ckpt = tmp_path / "c.pth"
+    torch.save({"x.cdd_dgc.weight": torch.eye(2)}, ckpt)
+    code, out, err = cdd_main("merge", ckpt, "--arch", f"fastreid:{bad}", "--out", tmp_path / "o.pth")
+    assert code == 1 and "bad.yml" in err and "check that file" in err and "Traceback" not in err
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_report_on_a_binary_file_or_malformed_fields_names_the_problem(cdd_main, tmp_path, resnet18_student):
+    pth = tmp_path / "model.pth"
+    cdd_plugin.save_merged(resnet18_student[1], str(pth))
+    code, _, err = cdd_main("report", pth)
+    assert code == 1 and "not a text (JSON) summary" in err
+    summary = {"schema": "cdd_summary/v1", "framework": "demo", "config": {}, "iterations": 1,
+               "rows": [{"name": n, "metrics": {}, "params": 1, "flops": 1, "latency_ms": None}
+                        for n in ("student_unmerged", "student_merged")],
+               "flops_reduction": 0.0, "params_reduction": 0.0, "predicted_flops": 1, "cdd": {},
+               "channels": [{"layer": "conv1", "before": "64", "after": 32}]}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    code, _, err = cdd_main("report", tmp_path / "run")
+    assert code == 1 and "'channels' must be a list" in err
+
+
+def test_report_in_a_folder_it_cannot_write_still_prints_the_table(cdd_main, tmp_path, monkeypatch):
+    from cdd_plugin import report
+
+    summary = {"schema": "cdd_summary/v1", "framework": "demo", "config": {}, "iterations": 1,
+               "rows": [{"name": n, "metrics": {"mAP": 50.0}, "params": 1, "flops": 1, "latency_ms": None}
+                        for n in ("student_unmerged", "student_merged")],
+               "flops_reduction": 0.0, "params_reduction": 0.0, "predicted_flops": 1, "cdd": {},
+               "channels": [{"layer": "conv1", "before": 64, "after": 32}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(report, "write_plots", read_only)  # what a read-only run folder does to the plots
+    code, out, err = cdd_main("report", tmp_path)
+    assert "student" in out.lower() and "50.00" in out  # the table came first
+    assert code == 1 and "--no-plots" in err

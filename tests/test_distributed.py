@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cdd_plugin
 from cdd_plugin import CDDConfig, RGGROptimizer
 
-from test_rggr_state import SmallNet
+from nets import SmallNet
 
 CFG = dict(criterion="rggr", ratio=0.7, k=2, queue_size=40, lasso=0.05, flops_target=0.5)
 STEPS = 5
@@ -25,7 +25,7 @@ def _batch(step):
 def _build():
     torch.manual_seed(0)
     net = SmallNet()
-    state = cdd_plugin.insert_dgc(net, torch.randn(2, 3, 16, 16), CDDConfig(**CFG))
+    state = cdd_plugin.insert_dgc(net, torch.randn(2, 3, 16, 16), CDDConfig(sites="all", **CFG))
     # BatchNorm on running statistics: a sample's features do not depend on which rank's
     # batch it sits in, so one process over the global batch is an exact reference
     net.eval()

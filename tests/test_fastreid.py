@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastreid_helpers import CDD_YML, REPO, TEACHER_YML, datasets_root, market1501_dir, smoke_cfg
+from fastreid_helpers import CDD_YML, REPO, TEACHER_YML, datasets_root, smoke_cfg
 
 if os.environ.get("CI", "").lower() != "true":  # in CI a missing FastReID fails the module loudly
     pytest.importorskip("fastreid", reason="FastReID is not installed (pip install -e .[fastreid])")
@@ -36,8 +36,8 @@ BATCH = 16  # SOLVER.IMS_PER_BATCH of the smoke configs
 
 # -- shared runs ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def market():
-    return market1501_dir()
+def market(synthetic_market):
+    return synthetic_market
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,9 @@ def test_end_of_training_writes_merged_model_and_summary(cdd_run):
     assert summary["iterations"] == 20
     assert [r["name"] for r in summary["rows"]] == ["teacher", "student_unmerged", "student_merged"]
     for row in summary["rows"]:
-        assert set(row) == {"name", "metrics", "params", "flops", "latency_ms"}
+        assert set(row) - {"folded"} == {"name", "metrics", "params", "flops", "latency_ms"}
         assert 0.0 <= row["metrics"]["mAP"] <= 100.0 and 0.0 <= row["metrics"]["rank1"] <= 100.0
+    assert summary["rows"][0]["folded"] is True  # the teacher is counted with its BatchNorms folded, like the rest
     assert summary["cdd"]["iteration"] == 20 and "flops_merged" in summary["cdd"]
     assert isinstance(summary["flops_reduction"], float) and isinstance(summary["predicted_flops"], int)
     payload = torch.load(cdd_run.dir / "model_merged.pth", map_location="cpu", weights_only=True)
@@ -144,13 +145,14 @@ def test_checkpoint_carries_cdd_state(cdd_run):
     assert all(torch.equal(saved["masks"][n], m.cpu()) for n, m in state.masks().items())
 
 
-def test_optimizer_is_fastreid_sgd_with_rggr_and_no_decay_on_dgcs(cdd_run):
+def test_optimizer_is_fastreid_sgd_with_rggr_and_the_authors_decay_on_dgcs(cdd_run):
     opt = cdd_run.trainer.optimizer
     assert isinstance(opt, torch.optim.SGD)  # RGGROptimizer keeps the inner class
     assert opt.cdd is cdd_run.cdd.state
+    assert cdd_run.cdd.state.cfg.decay_compactors is True  # CDD.DECAY_COMPACTORS, the authors' default
     dgc = {id(d.weight) for d in cdd_run.cdd.state.compactors.values()}
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    assert dgc <= set(decay) and all(decay[i] == 0.0 for i in dgc)
+    assert dgc <= set(decay) and all(decay[i] == cdd_run.cfg.SOLVER.WEIGHT_DECAY for i in dgc)
     assert {decay[i] for i in decay if i not in dgc} == {cdd_run.cfg.SOLVER.WEIGHT_DECAY}
     teacher = {id(p) for p in cdd_run.cdd.teacher.parameters()}
     assert not teacher & set(decay)  # the teacher is never optimised
@@ -191,7 +193,7 @@ def test_eval_only_reads_the_merged_checkpoint(merged_run, market, workdir):
 
 def test_cdd_profile_reads_the_merged_file_with_the_fastreid_config(merged_run):
     """`cdd profile --arch fastreid:<config>` rebuilds the narrow student and counts what the summary says."""
-    cmd = [sys.executable, "-m", "cdd_plugin.cli", "profile", str(merged_run.dir / "model_merged.pth"),
+    cmd = [sys.executable, "-m", "cdd_plugin.app", "profile", str(merged_run.dir / "model_merged.pth"),
            "--arch", f"fastreid:{CDD_YML}", "--json"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -570,3 +572,19 @@ def test_two_processes_through_fastreid_launch_gather_the_global_batch_and_agree
         assert torch.equal(bank[i * BATCH:(i + 1) * BATCH], torch.cat([a, b])), f"step {i}"
     summary = json.loads((out / "cdd_summary.json").read_text())  # written once, by rank 0
     assert summary["iterations"] == iters and (out / "model_merged.pth").is_file()
+
+
+def test_the_summary_reductions_are_the_core_definition(merged_run, cdd_run):
+    """One meaning of the uncompressed baseline in every front end: the FastReID summary's reductions
+    equal the core's (the trained student folded, nothing removed, vs the merged student), counted
+    by the core recipe alone on the same model."""
+    from cdd_plugin.finalize import finalize as core_finalize
+    from cdd_plugin.integrations.fastreid.meta_arch import analysis_forward
+
+    cdd = cdd_run.cdd
+    h, w = (int(v) for v in cdd_run.cfg.INPUT.SIZE_TEST)
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0
+    core = core_finalize(cdd.student, cdd.state, lambda net: {}, x, framework="core", config=None, iterations=0,
+                         forward_fn=analysis_forward, latency=False, write=False).summary
+    assert core["flops_reduction"] == pytest.approx(merged_run.summary["flops_reduction"], abs=1e-12)
+    assert core["params_reduction"] == pytest.approx(merged_run.summary["params_reduction"], abs=1e-12)

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_mmpretrain import ITERS_PER_EPOCH, REPO, _run, market, setup  # noqa: F401  (market, setup: fixtures)
+from mmpretrain_helpers import ITERS_PER_EPOCH, REPO, _run, market, setup  # noqa: F401  (market, setup: fixtures)
 
 ATOMIC = dict(backend="atomic_local")
 _RUNS = itertools.count()

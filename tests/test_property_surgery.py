@@ -1,12 +1,11 @@
 """Property test: surgery + merge on randomly generated CNNs is either exact or a clear refusal."""
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import cdd_plugin
-from cdd_plugin import MergeError, SurgeryError
+from cdd_plugin import CDDConfig, MergeError, SurgeryError
 
 ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Sigmoid, nn.Identity]
 
@@ -39,19 +38,35 @@ class RandomNet(nn.Module):
             block = nn.Sequential(*layers)
             block.residual = spec["residual"] and spec["stride"] == 1 and out == c
             block.concat = spec["concat"] and spec["stride"] == 1 and not block.residual
+            # GhostNet's pattern: the output concatenated with a cheap depthwise function of itself, sliced
+            block.ghost = bool(spec["ghost"]) and groups == 1 and not block.residual and not block.concat
+            if block.ghost:
+                block.cheap = nn.Sequential(nn.Conv2d(out, out, 3, padding=1, groups=out, bias=False),
+                                            nn.BatchNorm2d(out), nn.ReLU())
+                block.keep = out + spec["ghost"] - 1   # keep 1..out channels of the cheap half
             self.blocks.append(block)
-            c = out + c if block.concat else out
+            c = out + c if block.concat else (block.keep if block.ghost else out)
         self.head = nn.Linear(c, 4)
 
     def forward(self, x):
         for block in self.blocks:
-            y = block(x)
-            if block.residual:
+            y = _run_block(block, x)
+            if block.ghost:
+                y = torch.cat([y, block.cheap(y)], 1)[:, :block.keep]
+            elif block.residual:
                 y = y + x
             elif block.concat:
                 y = torch.cat([y, x], 1)
             x = y
         return self.head(x.mean((2, 3)))
+
+
+def _run_block(block, x):
+    for layer in block:  # the Sequential's own layers (the cheap branch is an attribute, not a child in order)
+        if layer is getattr(block, "cheap", None):
+            continue
+        x = layer(x)
+    return x
 
 
 block = st.fixed_dictionaries({
@@ -64,6 +79,7 @@ block = st.fixed_dictionaries({
     "act": st.integers(0, len(ACTS) - 1),
     "residual": st.booleans(),
     "concat": st.booleans(),
+    "ghost": st.sampled_from([0, 0, 1, 3]),   # 0: none; k: keep the first k - 1 cheap channels
 })
 
 
@@ -74,7 +90,7 @@ def test_random_cnn_merges_exactly_or_is_refused_clearly(recipe, seed):
     model = RandomNet(recipe)
     x = torch.randn(2, 3, 12, 12)
     try:
-        state = cdd_plugin.insert_dgc(model, x)
+        state = cdd_plugin.insert_dgc(model, x, CDDConfig(sites="all"))
     except SurgeryError as exc:
         assert "Fix" in str(exc) or "cannot" in str(exc) or "no channel set" in str(exc)
         return
@@ -94,7 +110,11 @@ def test_random_cnn_merges_exactly_or_is_refused_clearly(recipe, seed):
     model.eval()
     with torch.no_grad():
         y = model(x)
-    merged = cdd_plugin.merge(model)
+    try:
+        merged = cdd_plugin.merge(model)
+    except MergeError as exc:  # exact or refused, never wrong: the refusal names the site
+        assert "refuses" in str(exc) or "failed at" in str(exc), exc
+        return
     with torch.no_grad():
         y2 = merged(x)
     assert y.shape == y2.shape

@@ -1,34 +1,16 @@
 """RGGR selection, gradient resetting, mask criteria, schedule, optimizer wrapper and exact resume."""
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import cdd_plugin
+from nets import SmallNet
 from cdd_plugin import CDDConfig, ConfigError, RGGROptimizer
 from cdd_plugin.rggr import select_unimportant, select_unimportant_loop
-
-
-class SmallNet(nn.Module):
-    def __init__(self, width=16, classes=5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.conv3 = nn.Conv2d(2 * width, 2 * width, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.fc = nn.Linear(2 * width, classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        emb = F.relu(self.bn3(self.conv3(x))).mean((2, 3))
-        return self.fc(emb), emb
 
 
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -37,7 +19,7 @@ X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 def _make(cfg=None, seed=0):
     torch.manual_seed(seed)
     net = SmallNet()
-    state = cdd_plugin.insert_dgc(net, X, cfg or CDDConfig(criterion="none"))
+    state = cdd_plugin.insert_dgc(net, X, cfg or CDDConfig(sites="all", criterion="none"))
     return net, state
 
 
@@ -46,6 +28,7 @@ def _make(cfg=None, seed=0):
 @given(B=st.integers(1, 6), C=st.integers(2, 24), N=st.integers(1, 30), k=st.integers(1, 3),
        ratio=st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]), metric=st.sampled_from(["cosine", "l2"]),
        ties=st.booleans(), seed=st.integers(0, 1000))
+@example(B=1, C=19, N=21, k=3, ratio=0.1, metric="cosine", ties=True, seed=83)  # tied neighbours: one tie-break
 def test_vectorised_selection_equals_the_per_sample_loop(B, C, N, k, ratio, metric, ties, seed):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(B, C, generator=g)
@@ -78,7 +61,7 @@ def test_selection_rejects_bad_shapes_with_the_fix():
 
 # -- gradient resetting ----------------------------------------------------------------------
 def test_masked_channels_receive_only_the_lasso_gradient_and_others_task_plus_lasso():
-    net, state = _make(CDDConfig(criterion="none", lasso=0.01))
+    net, state = _make(CDDConfig(sites="all", criterion="none", lasso=0.01))
     dgc = state.compactors["bn1.cdd_dgc"]
     with torch.no_grad():
         dgc.weight.add_(0.1 * torch.randn_like(dgc.weight))
@@ -95,7 +78,7 @@ def test_masked_channels_receive_only_the_lasso_gradient_and_others_task_plus_la
 
 
 def test_masked_rows_shrink_to_zero_and_merge_removes_them():
-    net, state = _make(CDDConfig(criterion="none", lasso=0.5, threshold=1e-3))
+    net, state = _make(CDDConfig(sites="all", criterion="none", lasso=0.5, threshold=1e-3))
     dgc = state.compactors["bn2.cdd_dgc"]
     dgc.mask[:10] = 0.0
     opt = RGGROptimizer(torch.optim.SGD(net.parameters(), lr=0.05), state)
@@ -125,7 +108,7 @@ def _feed(state, net, seed):
 
 
 def test_rggr_masks_persist_and_respect_the_flops_target_and_min_channels():
-    net, state = _make(CDDConfig(criterion="rggr", ratio=0.9, k=1, flops_target=0.7, queue_size=64))
+    net, state = _make(CDDConfig(sites="all", criterion="rggr", ratio=0.9, k=1, flops_target=0.7, queue_size=64))
     dense = state.dense_flops()
     seen_masked = set()
     for it in range(20):
@@ -142,7 +125,7 @@ def test_rggr_masks_persist_and_respect_the_flops_target_and_min_channels():
 
 
 def test_rggr_without_flops_target_keeps_at_least_one_channel_per_layer():
-    net, state = _make(CDDConfig(criterion="rggr", ratio=1.0, k=1, queue_size=16))
+    net, state = _make(CDDConfig(sites="all", criterion="rggr", ratio=1.0, k=1, queue_size=16))
     for it in range(5):
         _feed(state, net, it)
         state.on_step()
@@ -150,7 +133,7 @@ def test_rggr_without_flops_target_keeps_at_least_one_channel_per_layer():
 
 
 def test_norm_criterion_masks_the_smallest_rows_a_few_at_a_time():
-    net, state = _make(CDDConfig(criterion="norm", norm_step=3, flops_target=0.5))
+    net, state = _make(CDDConfig(sites="all", criterion="norm", norm_step=3, flops_target=0.5))
     dgc = state.compactors["bn2.cdd_dgc"]
     with torch.no_grad():
         dgc.weight[[5, 9, 11]] *= 0.01
@@ -160,7 +143,7 @@ def test_norm_criterion_masks_the_smallest_rows_a_few_at_a_time():
 
 
 def test_mask_start_and_interval_schedule():
-    net, state = _make(CDDConfig(criterion="norm", norm_step=1, flops_target=0.1, mask_start=3, mask_interval=2))
+    net, state = _make(CDDConfig(sites="all", criterion="norm", norm_step=1, flops_target=0.1, mask_start=3, mask_interval=2))
     masked = []
     for it in range(8):
         state.on_step()
@@ -170,7 +153,7 @@ def test_mask_start_and_interval_schedule():
 
 
 def test_sites_without_a_teacher_fall_back_to_self_retrieval():
-    net, state = _make(CDDConfig(criterion="rggr", queue_size=32))
+    net, state = _make(CDDConfig(sites="all", criterion="rggr", queue_size=32))
     s = {n: torch.rand(4, d.channels) for n, d in state.compactors.items()}
     state.observe(s, {})
     for n, q in state.queues.items():
@@ -191,7 +174,7 @@ def test_wrapper_is_still_the_inner_optimizer_for_schedulers_and_scalers():
     assert state.iteration == 1
     assert opt.param_groups[0]["lr"] < 0.1
     dgc_group = [g for g in opt.param_groups if any(p is d.weight for d in state.compactors.values() for p in g["params"])]
-    assert all(g["weight_decay"] == 0.0 for g in dgc_group)
+    assert all(g["weight_decay"] == 1e-4 for g in dgc_group)  # the authors' default: compactors decay too
     with pytest.raises(TypeError, match="already wrapped"):
         RGGROptimizer(opt, state)
     with pytest.raises(ValueError, match="AFTER cdd_plugin.insert_dgc"):
@@ -199,7 +182,7 @@ def test_wrapper_is_still_the_inner_optimizer_for_schedulers_and_scalers():
 
 
 def test_bf16_autocast_step_on_cpu():
-    net, state = _make(CDDConfig(criterion="none", lasso=0.01))
+    net, state = _make(CDDConfig(sites="all", criterion="none", lasso=0.01))
     opt = RGGROptimizer(torch.optim.SGD(net.parameters(), lr=0.1), state)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = net(X)
@@ -212,7 +195,7 @@ def test_bf16_autocast_step_on_cpu():
 
 
 def test_amp_grad_scaler_unscales_before_the_reset():
-    net, state = _make(CDDConfig(criterion="none", lasso=0.01))
+    net, state = _make(CDDConfig(sites="all", criterion="none", lasso=0.01))
     opt = RGGROptimizer(torch.optim.SGD(net.parameters(), lr=0.1), state)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     dgc = state.compactors["bn1.cdd_dgc"]
@@ -243,7 +226,7 @@ def _train(net, state, opt, steps, start=0):
 
 
 def test_resume_from_checkpoint_ends_with_the_same_masks_and_weights(tmp_path):
-    cfg = CDDConfig(criterion="rggr", ratio=0.6, k=2, queue_size=10, lasso=0.05, flops_target=0.6)
+    cfg = CDDConfig(sites="all", criterion="rggr", ratio=0.6, k=2, queue_size=10, lasso=0.05, flops_target=0.6)
     net_a, st_a = _make(cfg)
     opt_a = RGGROptimizer(torch.optim.SGD(net_a.parameters(), lr=0.05, momentum=0.9), st_a)
     _train(net_a, st_a, opt_a, 8)
@@ -273,7 +256,7 @@ def test_loading_a_state_from_another_architecture_is_refused():
     _, st_a = _make()
     torch.manual_seed(0)
     other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten())
-    st_b = cdd_plugin.insert_dgc(other, X)
+    st_b = cdd_plugin.insert_dgc(other, X, CDDConfig(sites="all"))
     with pytest.raises(ValueError, match="same student architecture"):
         st_b.load_state_dict(st_a.state_dict())
     with pytest.raises(ValueError, match="not a cdd_plugin CDD state"):
@@ -288,9 +271,46 @@ def test_loading_a_state_from_another_architecture_is_refused():
 ])
 def test_invalid_config_values_name_the_fix(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        CDDConfig(**kwargs)
+        CDDConfig(sites="all", **kwargs)
 
 
 def test_unknown_config_keys_list_the_valid_ones():
     with pytest.raises(ConfigError, match="valid keys are: lasso, threshold"):
         CDDConfig.from_dict({"lasso": 0.1, "lamda": 0.2})
+
+
+def test_compactor_weight_decay_follows_the_setting_in_every_optimizer_form():
+    """decay_compactors=True (the authors'): the optimizer's weight decay acts on the compactors too;
+    False: the wrapper moves them into a group without weight decay, whatever groups the user built."""
+    for decay in (True, False):
+        torch.manual_seed(0)
+        net = SmallNet()
+        state = cdd_plugin.insert_dgc(net, X, CDDConfig(sites="all", criterion="none", decay_compactors=decay))
+        dgc = {id(d.weight) for d in state.compactors.values()}
+        for inner in (torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=1e-3),
+                      torch.optim.SGD(cdd_plugin.param_groups(net, lr=0.1, weight_decay=1e-3), lr=0.1)):
+            opt = RGGROptimizer(inner, state)
+            n_params = sum(len(g["params"]) for g in opt.param_groups)
+            assert n_params == len(list(net.parameters()))
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    want = 1e-3 if (decay or id(p) not in dgc) else 0.0
+                    assert g["weight_decay"] == want
+    with pytest.raises(ConfigError, match="decay_compactors"):
+        CDDConfig(decay_compactors="sometimes")
+
+
+def test_masked_lasso_pulls_only_the_masked_rows_harder():
+    """masked_lasso (ours) is the lasso of masked rows alone; the rows that still learn feel `lasso`."""
+    net, state = _make(CDDConfig(sites="all", criterion="none", lasso=0.01, masked_lasso=0.5))
+    d = next(iter(state.compactors.values()))
+    d.mask[:3] = 0.0
+    logits, _ = net(X)
+    F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)).backward()
+    task = d.weight.grad.clone()
+    state.reset_gradients()
+    unit = d.weight.detach() / d.weight.detach().norm(dim=1, keepdim=True)
+    assert torch.allclose(d.weight.grad[:3], 0.5 * unit[:3], atol=1e-6)
+    assert torch.allclose(d.weight.grad[3:], task[3:] + 0.01 * unit[3:], atol=1e-6)
+    with pytest.raises(ConfigError, match="masked_lasso"):
+        CDDConfig(masked_lasso=-1.0)

@@ -7,42 +7,11 @@ import torchvision
 from torch import nn
 
 import cdd_plugin
+from nets import check_exact as _check_exact, randomise as _randomise
 from cdd_plugin import CDDConfig, MergeError, SurgeryError
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 X_SMALL = X[:, :, :32, :32].contiguous()
-
-
-def _randomise(model: nn.Module, state, frac=0.5, seed=0):
-    """Train-like perturbation: non-identity DGCs, real BN statistics, half the channels zeroed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for d in state.compactors.values():
-            d.weight.add_(0.05 * torch.randn(d.weight.shape, generator=g))
-            n = int(frac * d.channels)
-            d.zero_(torch.randperm(d.channels, generator=g)[:n].tolist())
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-
-
-def _check_exact(model, state, x=X):
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-    merged = cdd_plugin.merge(model)
-    with torch.no_grad():
-        y2 = merged(x)
-    assert y.shape == y2.shape
-    err = (y - y2).abs().max().item()
-    assert err <= 1e-4 * y.abs().max().item(), f"merge changed the output by {err}"
-    assert not any(isinstance(m, cdd_plugin.DGC) for m in merged.modules())
-    flops = cdd_plugin.profile(merged, x[:1])["flops"]  # FLOPs per image, counted at batch 1
-    assert flops == state.predicted_flops()
-    return merged
 
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small",
@@ -57,7 +26,7 @@ def test_torchvision_architectures_merge_exactly(arch):
     model.eval()
     with torch.no_grad():
         before = model(x)
-    state = cdd_plugin.insert_dgc(model, x, CDDConfig())
+    state = cdd_plugin.insert_dgc(model, x, CDDConfig(sites="all"))
     assert state.sites, state.report()
     with torch.no_grad():
         after = model(x)
@@ -72,7 +41,7 @@ def test_torchvision_architectures_merge_exactly(arch):
 def test_profile_counts_the_compactors_of_an_unmerged_student_and_can_leave_them_out():
     model = torchvision.models.resnet18(num_classes=10)
     dense = cdd_plugin.profile(model, X[:1])
-    state = cdd_plugin.insert_dgc(model, X[:2], CDDConfig())
+    state = cdd_plugin.insert_dgc(model, X[:2], CDDConfig(sites="all"))
     sizes = {}
     hooks = [d.register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, i[0].shape[2] * i[0].shape[3]))
              for n, d in state.compactors.items()]
@@ -87,9 +56,33 @@ def test_profile_counts_the_compactors_of_an_unmerged_student_and_can_leave_them
     assert cdd_plugin.profile(model, X[:1], count_dgc=False) == dense  # the heavy student's own figures
 
 
+@pytest.mark.parametrize("arch,blocks", [("resnet18", 8), ("resnet50", 16), ("resnet101", 33)])
+def test_paper_placement_is_one_compactor_per_residual_block_feeding_its_last_conv(arch, blocks):
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    x = X_SMALL if arch == "resnet101" else X
+    state = cdd_plugin.insert_dgc(model, x, CDDConfig())  # sites="paper" is the default
+    assert len(state.sites) == blocks
+    last_inner = "bn2" if arch == "resnet50" or arch == "resnet101" else "bn1"
+    assert sorted(s.host.rsplit(".", 1)[-1] for s in state.sites) == [last_inner] * blocks
+    assert all(s.consumers == [s.host.rsplit(".", 1)[0] + (".conv3" if last_inner == "bn2" else ".conv2")]
+               for s in state.sites)
+    assert "bn1.cdd_dgc" not in state.compactors  # no compactor at the stem
+    if last_inner == "bn2":  # bottlenecks: the first inner sets are left out, with the reason
+        assert "sites='paper'" in state.report()
+    _randomise(model, state)
+    _check_exact(model, state, x)
+
+
+def test_paper_placement_refuses_a_network_without_residual_blocks():
+    model = torchvision.models.vgg11_bn(num_classes=10)
+    with pytest.raises(SurgeryError, match="sites='all'"):
+        cdd_plugin.insert_dgc(model, X, CDDConfig())
+    assert not any(isinstance(m, cdd_plugin.DGC) for m in model.modules())
+
+
 def test_report_names_every_site_and_the_reason_for_skips():
     model = torchvision.models.resnet50()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     text = state.report()
     assert "layer1.0.bn1.cdd_dgc" in text and "layer1.0.bn2.cdd_dgc" in text
     assert "residual addition" in text
@@ -102,7 +95,7 @@ def test_report_names_every_site_and_the_reason_for_skips():
 
 def test_depthwise_chains_get_diagonal_compactors():
     model = torchvision.models.mobilenet_v2()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     kinds = {s.kind for s in state.sites}
     assert "diag" in kinds
     diag = [s for s in state.sites if s.kind == "diag"][0]
@@ -129,7 +122,7 @@ class _InstanceNormNet(nn.Module):
 def test_non_foldable_norm_gets_input_side_compactor_and_merges_exactly():
     torch.manual_seed(0)
     model = _InstanceNormNet()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     kinds = {s.name: s.kind for s in state.sites}
     assert kinds["conv2.cdd_dgc"] == "in"
     assert kinds["bn2.cdd_dgc"] == "out"
@@ -139,7 +132,7 @@ def test_non_foldable_norm_gets_input_side_compactor_and_merges_exactly():
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.3)
     _randomise(model, state)
-    merged = _check_exact(model, state)
+    merged = _check_exact(model, state, X)
     assert merged.conv1.out_channels == 8 and merged.conv2.in_channels == 8
 
 
@@ -156,7 +149,7 @@ class _SigmoidGate(nn.Module):
 
 def test_surgery_refuses_a_site_whose_zero_channels_would_not_stay_zero():
     with pytest.raises(SurgeryError, match="non-zero"):
-        cdd_plugin.insert_dgc(_SigmoidGate(), X)
+        cdd_plugin.insert_dgc(_SigmoidGate(), X, CDDConfig(sites="all"))
 
 
 def test_mmpretrain_and_fastreid_resnet_backbones_merge_exactly():
@@ -164,7 +157,7 @@ def test_mmpretrain_and_fastreid_resnet_backbones_merge_exactly():
 
     for backbone in (ResNet(depth=18), ResNetV1d(depth=50)):
         backbone.init_weights()
-        state = cdd_plugin.insert_dgc(backbone, X)
+        state = cdd_plugin.insert_dgc(backbone, X, CDDConfig(sites="all"))
         assert len(state.sites) >= 8
         _randomise(backbone, state)
         backbone.eval()
@@ -184,15 +177,15 @@ def test_mmpretrain_and_fastreid_resnet_backbones_merge_exactly():
     cfg.MODEL.BACKBONE.PRETRAIN = False
     cfg.MODEL.BACKBONE.WITH_IBN = False
     backbone = build_resnet_backbone(cfg)
-    state = cdd_plugin.insert_dgc(backbone, X)
+    state = cdd_plugin.insert_dgc(backbone, X, CDDConfig(sites="all"))
     assert len(state.sites) == 33
     _randomise(backbone, state)
-    _check_exact(backbone, state)
+    _check_exact(backbone, state, X)
 
 
 def test_merge_leaves_the_trained_model_untouched_and_refuses_twice():
     model = torchvision.models.resnet18()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     _randomise(model, state)
     snapshot = copy.deepcopy(model.state_dict())
     merged = cdd_plugin.merge(model)
@@ -207,7 +200,7 @@ def test_merge_leaves_the_trained_model_untouched_and_refuses_twice():
 
 def test_merge_inplace_replaces_the_model():
     model = torchvision.models.resnet18()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     _randomise(model, state)
     out = cdd_plugin.merge(model, inplace=True)
     assert out is model
@@ -216,7 +209,7 @@ def test_merge_inplace_replaces_the_model():
 
 def test_merged_model_traces_and_exports_to_onnx(tmp_path):
     model = torchvision.models.resnet18()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     _randomise(model, state)
     merged = cdd_plugin.merge(model)
     traced = torch.jit.trace(merged, X)
@@ -232,7 +225,7 @@ def test_merged_model_traces_and_exports_to_onnx(tmp_path):
 def test_save_and_load_merged_rebuilds_the_narrow_network_safely(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     _randomise(model, state)
     merged = cdd_plugin.merge(model)
     path = tmp_path / "model_merged.pth"
@@ -272,14 +265,14 @@ def test_bad_inputs_name_the_fix():
     with pytest.raises(SurgeryError, match="no prunable layer"):
         cdd_plugin.insert_dgc(OnlyLSTM(), torch.randn(2, 5, 8))
     model = torchvision.models.resnet18()
-    cdd_plugin.insert_dgc(model, X)
+    cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     with pytest.raises(SurgeryError, match="already has DGCs"):
-        cdd_plugin.insert_dgc(model, X)
+        cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
 
 
 def test_channel_table_and_plot(tmp_path):
     model = torchvision.models.resnet18()
-    state = cdd_plugin.insert_dgc(model, X)
+    state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all"))
     _randomise(model, state)
     merged = cdd_plugin.merge(model)
     rows = cdd_plugin.channel_table(torchvision.models.resnet18(), merged)
@@ -287,3 +280,119 @@ def test_channel_table_and_plot(tmp_path):
     assert len(changed) == len(state.sites)
     png = cdd_plugin.plot_channels(rows, str(tmp_path / "channels.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", ["convnext", "vit"])
+def test_layouts_a_compactor_cannot_follow_are_refused_and_the_model_is_left_as_it_was(name):
+    """ConvNeXt blocks (Linear layers on a channels-last tensor) and a ViT: surgery finds that the
+    model's forward fails with a compactor in place, refuses, and leaves nothing behind; a
+    retry is not refused with "already has DGCs"."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    if name == "convnext":
+        model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=4)
+    else:
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                  num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    for _ in range(2):  # the second call gets the same clear refusal, not "already has DGCs"
+        with pytest.raises(SurgeryError, match="forward fails with a compactor"):
+            cdd_plugin.insert_dgc(model, x, CDDConfig(sites="all"))
+    assert not cdd_plugin.graph.find_dgcs(model)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert not [k for k in vars(model) if k.startswith("_cdd")]
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_ghostnet_slices_are_exact_or_refused_never_wrong():
+    """A GhostNet block concatenates a tensor with a cheap depthwise function of itself and slices
+    the result: the depthwise set cannot be cut one to one, so surgery must drop it (the probe
+    zeroes a channel that carries values and checks every consumer input it would be cut from)."""
+
+    class Ghost(nn.Module):
+        def __init__(self, oup):
+            super().__init__()
+            init = (oup + 1) // 2
+            self.oup = oup
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            self.primary = nn.Sequential(nn.Conv2d(8, init, 1, bias=False), nn.BatchNorm2d(init), nn.ReLU())
+            self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init, bias=False),
+                                       nn.BatchNorm2d(init), nn.ReLU())
+            self.head = nn.Conv2d(oup, 4, 1)
+
+        def forward(self, x):
+            a = self.primary(self.stem(x))
+            return self.head(torch.cat([a, self.cheap(a)], 1)[:, :self.oup]).mean((2, 3))
+
+    for oup in (16, 15):
+        for seed in range(8):
+            torch.manual_seed(seed)
+            model, x = Ghost(oup), torch.randn(2, 3, 16, 16)
+            state = cdd_plugin.insert_dgc(model, x, CDDConfig(sites="all"))
+            assert not any(s.name.startswith("cheap") for s in state.sites), (oup, seed, state.report())
+            for d in state.compactors.values():
+                d.zero_([0, 1])
+            model.eval()
+            merged = cdd_plugin.merge(model)
+            with torch.no_grad():
+                y, y2 = model(x), merged(x)
+            assert (y - y2).abs().max() <= 1e-5 * y.abs().max()
+
+
+def test_merge_checks_the_merged_network_and_refuses_naming_the_site(monkeypatch):
+    """Even if a compactor that cannot be cut one to one got past surgery (the probe is switched off
+    here), merge compares the merged network with the trained one in float64 and refuses."""
+    import cdd_plugin.surgery as surgery
+
+    class Dup(nn.Module):  # conv1's channels reach conv2 twice: directly and through a depthwise copy
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(6)
+            self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+            self.bn2 = nn.BatchNorm2d(6)
+            self.conv2 = nn.Conv2d(12, 4, 1)
+
+        def forward(self, x):
+            a = torch.relu(self.bn1(self.conv1(x)))
+            return self.conv2(torch.cat([a, torch.relu(self.bn2(self.dw(a)))], 1)).mean((2, 3))
+
+    monkeypatch.setattr(surgery, "_probe", lambda *a, **k: {})
+    torch.manual_seed(0)
+    model, x = Dup(), torch.randn(2, 3, 8, 8)
+    state = cdd_plugin.insert_dgc(model, x, CDDConfig(sites="all"))
+    diag = [s.name for s in state.sites if s.kind == "diag"]
+    assert diag, state.report()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.uniform_(0.5, 1.0)
+    state.compactors[diag[0]].zero_([0, 1])
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MergeError, match=diag[0].replace(".", r"\.")):
+        cdd_plugin.merge(model)
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_keeps_widths_hardware_likes_and_stays_exact(round_to):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10)
+    state = cdd_plugin.insert_dgc(model, X_SMALL, CDDConfig(sites="all", round_to=round_to))
+    _randomise(model, state, frac=0.6)
+    kept = state.kept_channels()
+    assert all(k % round_to == 0 or k == state.compactors[n].channels for n, k in kept.items())
+    merged = _check_exact(model, state, X_SMALL)  # exact, and predicted FLOPs == the merged count
+    widths = {s.producer: merged.get_submodule(s.producer).out_channels for s in state.sites}
+    assert all(w % round_to == 0 for w in widths.values()), widths
+    plain = copy.deepcopy(model)
+    for d in cdd_plugin.graph.find_dgcs(plain).values():
+        d.round_to = 1
+    assert cdd_plugin.profile(cdd_plugin.merge(plain), X_SMALL[:1])["flops"] <= state.predicted_flops()

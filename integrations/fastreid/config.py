@@ -12,24 +12,20 @@ iterations when it is ``"iter"``; ``CDD.MASK_INTERVAL`` always counts iterations
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from cdd_plugin import CDDConfig, ConfigError
+from cdd_plugin.config import mask_start_iteration
+from cdd_plugin.distill import LossConfig
 
-# yacs key under CDD -> CDDConfig field
-COMPRESSION_KEYS = {
-    "LASSO": "lasso", "THRESHOLD": "threshold", "CRITERION": "criterion", "K": "k", "RATIO": "ratio",
-    "QUEUE_SIZE": "queue_size", "METRIC": "metric", "MASK_INTERVAL": "mask_interval",
-    "FLOPS_TARGET": "flops_target", "NORM_STEP": "norm_step", "MIN_CHANNELS": "min_channels",
-}
-# yacs key under CDD.LOSS -> LossConfig field ("PAIRS" is converted from a list of "student:teacher")
-LOSS_KEYS = {
-    "CE_WEIGHT": "ce_weight", "LABEL_SMOOTHING": "label_smoothing", "TRIPLET_WEIGHT": "triplet_weight",
-    "TRIPLET_MARGIN": "triplet_margin", "KD_WEIGHT": "kd_weight", "TEMPERATURE": "temperature",
-    "FEAT_WEIGHT": "feat_weight", "PAIRS": "pairs",
-}
+# Every compression key under CDD is a CDDConfig field in upper case, every key under CDD.LOSS a
+# LossConfig field: the defaults live in the dataclasses only. CDD.MASK_START (with its unit) stands
+# for CDDConfig.mask_start; CDD.LOSS.PAIRS is a list of "student:teacher" strings (a dict in LossConfig).
+COMPRESSION_KEYS = {f.name.upper(): f.name for f in fields(CDDConfig) if f.name != "mask_start"}
+LOSS_KEYS = {f.name.upper(): f.name for f in fields(LossConfig)}
 MASK_START_UNITS = ("epoch", "iter")
 
 
@@ -49,30 +45,15 @@ def add_cdd_config(cfg):
     _C.CDD.TEACHER.WEIGHTS = ""  # its checkpoint (OUTPUT_DIR/model_final.pth of the teacher run)
     # Optional FastReID checkpoint to initialise the heavy student with before surgery.
     _C.CDD.STUDENT_WEIGHTS = ""
-    # Compression (cdd_plugin.CDDConfig).
-    _C.CDD.LASSO = 0.004
-    _C.CDD.THRESHOLD = 1e-5
-    _C.CDD.CRITERION = "rggr"   # rggr | norm (ResRep) | none (lasso only)
-    _C.CDD.K = 2
-    _C.CDD.RATIO = 0.5
-    _C.CDD.QUEUE_SIZE = 24000
-    _C.CDD.METRIC = "cosine"    # cosine | l2
-    _C.CDD.MASK_START = 20      # in CDD.MASK_START_UNIT
+    # Compression (cdd_plugin.CDDConfig) and losses (cdd_plugin.LossConfig): the dataclasses' defaults.
+    comp, loss = CDDConfig(), LossConfig()
+    for key, name in COMPRESSION_KEYS.items():
+        _C.CDD[key] = getattr(comp, name)
+    _C.CDD.MASK_START = 20      # in CDD.MASK_START_UNIT (the authors': epoch 20 of 120)
     _C.CDD.MASK_START_UNIT = "epoch"  # epoch | iter
-    _C.CDD.MASK_INTERVAL = 1    # iterations between mask refreshes
-    _C.CDD.FLOPS_TARGET = None  # e.g. 0.35: stop masking once merged FLOPs <= 35% of the dense student
-    _C.CDD.NORM_STEP = 8
-    _C.CDD.MIN_CHANNELS = 1
-    # Losses (cdd_plugin.LossConfig).
     _C.CDD.LOSS = CN()
-    _C.CDD.LOSS.CE_WEIGHT = 1.0
-    _C.CDD.LOSS.LABEL_SMOOTHING = 0.1
-    _C.CDD.LOSS.TRIPLET_WEIGHT = 1.0
-    _C.CDD.LOSS.TRIPLET_MARGIN = 0.3
-    _C.CDD.LOSS.KD_WEIGHT = 1.0
-    _C.CDD.LOSS.TEMPERATURE = 2.0
-    _C.CDD.LOSS.FEAT_WEIGHT = 0.5
-    _C.CDD.LOSS.PAIRS = []      # ["student_module:teacher_module", ...]; default: same module names
+    for key, name in LOSS_KEYS.items():
+        _C.CDD.LOSS[key] = [] if name == "pairs" else getattr(loss, name)
     # Logging and the end of training.
     _C.CDD.LOG_PERIOD = 1       # iterations between CDD figures in FastReID's EventStorage
     _C.CDD.EVAL_TEACHER = True  # evaluate the teacher for cdd_summary.json
@@ -159,8 +140,6 @@ def cdd_configs(cfg, iters_per_epoch: Optional[int] = None):
     ``iters_per_epoch`` is not known yet (the model is built before the trainer knows it)
     the start is provisional and ``CDDDistiller.resolve_schedule`` sets it.
     """
-    from cdd_plugin import LossConfig
-
     node = cfg.CDD
     unit = str(node.MASK_START_UNIT)
     if unit not in MASK_START_UNITS:
@@ -170,7 +149,8 @@ def cdd_configs(cfg, iters_per_epoch: Optional[int] = None):
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         raise ConfigError(f"CDD.MASK_START={start!r} must be an integer >= 0 (in CDD.MASK_START_UNIT={unit})")
     comp = {field: node[key] for key, field in COMPRESSION_KEYS.items()}
-    comp["mask_start"] = start if unit == "iter" else start * int(iters_per_epoch or 0)
+    comp["mask_start"] = start if unit == "iter" else (mask_start_iteration(start, iters_per_epoch)
+                                                       if iters_per_epoch else 0)
     if comp["flops_target"] is not None and float(comp["flops_target"]) == 0.0:
         comp["flops_target"] = None
     loss = {field: node.LOSS[key] for key, field in LOSS_KEYS.items()}

@@ -4,11 +4,11 @@
 EventStorage as ``cdd/<name>``, so the JSON and TensorBoard writers record them; the
 loss terms are already there (FastReID logs every entry of the loss dict).
 
-``CDDFinalizeHook`` runs after the last iteration: it merges the student
-(``cdd_plugin.merge``), evaluates teacher, trained student and merged student with the
-trainer's ``test`` (FastReID's ReidEvaluator), writes ``OUTPUT_DIR/model_merged.pth``
-(``cdd_plugin.save_merged``) and ``OUTPUT_DIR/cdd_summary.json`` (schema
-``cdd_summary/v1``, shared with the MMPretrain adapter and the demo).
+``CDDFinalizeHook`` runs after the last iteration: the core's ``cdd_plugin.finalize`` (the
+same end of training as the demo's and the MMPretrain adapter's) with the trainer's ``test``
+(FastReID's ReidEvaluator) as the evaluator: merge, evaluate teacher / trained student /
+merged student, count them, write ``OUTPUT_DIR/model_merged.pth`` and
+``OUTPUT_DIR/cdd_summary.json`` (schema ``cdd_summary/v1``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from cdd_plugin import report
 from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
 
-from .meta_arch import find_cdd
+from . import ibn
+from .meta_arch import analysis_forward, find_cdd
 
 logger = logging.getLogger("fastreid.cdd")
 
@@ -61,20 +62,6 @@ def reid_metrics(results: Dict[str, Any]) -> Dict[str, float]:
     return {new: float(results[old]) for old, new in names.items() if old in (results or {})}
 
 
-def _profile(model: torch.nn.Module, size, latency: bool, exclude_dgc: bool = False) -> Dict[str, Any]:
-    h, w = (int(s) for s in size)
-    x = torch.rand(1, 3, h, w, device=next(model.parameters()).device) * 255.0
-    # Baseline normalises its input in place: every call gets its own copy
-    # the DGCs exist only during training: with exclude_dgc, the dense student's own figures
-    prof = cdd_plugin.profile(model, x.clone(), count_dgc=not exclude_dgc, forward_fn=lambda m, t: m(t.clone()))
-    out = {"params": int(prof["params"]), "flops": int(prof["flops"]), "latency_ms": None}
-    if latency:
-        from cdd_plugin.profile import measure_latency
-
-        out["latency_ms"] = float(measure_latency(model, x, forward_fn=lambda m, t: m(t.clone())))
-    return out
-
-
 class CDDFinalizeHook(HookBase):
     """Merge, evaluate and export after the last iteration (see the module docstring)."""
 
@@ -91,51 +78,40 @@ class CDDFinalizeHook(HookBase):
 
 
 def finalize(trainer, cfg, config_file: Optional[str] = None) -> Optional[dict]:
-    """Merge the trained student, evaluate the three models, write the merged file and the summary."""
+    """The core's end of a CDD run (``cdd_plugin.finalize``) with FastReID's evaluator: merge the trained
+    student, evaluate and count the three models, write the merged file and the summary (main process)."""
+    from cdd_plugin.finalize import finalize as core_finalize, format_rows
+
     cdd = find_cdd(trainer.model)
     if cdd is None:
         return None
     state = cdd.state
     out_dir = cfg.OUTPUT_DIR
-    latency = bool(cfg.CDD.LATENCY)
     logger.info("CDD: merging the student (%d DGC sites)", len(state.sites))
-    merged = cdd_plugin.merge(cdd.student)
+    last = getattr(trainer, "_last_eval_results", None)  # EvalHook's final evaluation of the student
 
-    rows = []
-    if cfg.CDD.EVAL_TEACHER:
-        res = trainer.test(cfg, cdd.teacher)
-        rows.append({"name": "teacher", "metrics": reid_metrics(res),
-                     **_profile(cdd.teacher, cfg.INPUT.SIZE_TEST, latency)})
-    res = getattr(trainer, "_last_eval_results", None)  # the final evaluation of EvalHook ({} off the main rank)
-    if res is None:
-        res = trainer.test(cfg, trainer.model)
-    unmerged = {"name": "student_unmerged", "metrics": reid_metrics(res),
-                **_profile(cdd.student, cfg.INPUT.SIZE_TEST, latency, exclude_dgc=True)}
-    res = trainer.test(cfg, merged)
-    merged_row = {"name": "student_merged", "metrics": reid_metrics(res),
-                  **_profile(merged, cfg.INPUT.SIZE_TEST, latency)}
-    rows += [unmerged, merged_row]
-    if not comm.is_main_process():
-        return None
+    def evaluate(net):
+        if net is cdd.student and last is not None:
+            return reid_metrics(last)
+        return reid_metrics(trainer.test(cfg, net))
 
+    h, w = (int(s) for s in cfg.INPUT.SIZE_TEST)
+    x = (torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 255.0).to(cdd.device)
     config = config_file or os.path.join(out_dir, "config.yaml")
-    summary = report.build_summary("fastreid", config, trainer.iter, rows, state)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, MERGED_FILE)
-    cdd_plugin.save_merged(merged, path, meta={
-        "framework": "fastreid", "config": config, "iterations": int(trainer.iter),
-        "num_classes": int(cdd.student.heads.weight.shape[0]),
-        "input_size": [int(s) for s in cfg.INPUT.SIZE_TEST]})
-    report.write_summary(summary, os.path.join(out_dir, SUMMARY_FILE))
-    logger.info("CDD: wrote %s and %s\n%s", path, os.path.join(out_dir, SUMMARY_FILE), format_rows(rows))
-    return summary
-
-
-def format_rows(rows) -> str:
-    lines = [f"{'model':<18} {'mAP':>7} {'rank1':>7} {'params':>12} {'FLOPs':>14} {'latency ms':>11}"]
-    for r in rows:
-        m = r["metrics"]
-        lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
-        lines.append(f"{r['name']:<18} {m.get('mAP', float('nan')):>7.2f} {m.get('rank1', float('nan')):>7.2f} "
-                     f"{r['params']:>12,} {r['flops']:>14,} {lat:>11}")
-    return "\n".join(lines)
+    main = comm.is_main_process()
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    done = core_finalize(
+        cdd.student, state, evaluate, x, framework="fastreid", config=config, iterations=int(trainer.iter),
+        teacher=cdd.teacher if cfg.CDD.EVAL_TEACHER else None, forward_fn=analysis_forward,
+        customized_pruners=ibn.customized_pruners(), latency=bool(cfg.CDD.LATENCY),
+        merged_path=os.path.join(out_dir, MERGED_FILE), summary_path=os.path.join(out_dir, SUMMARY_FILE),
+        merged_meta={"framework": "fastreid", "config": config, "iterations": int(trainer.iter),
+                     "num_classes": int(cdd.student.heads.weight.shape[0]),
+                     "input_size": [int(s) for s in cfg.INPUT.SIZE_TEST]},
+        write=main)
+    if not main:
+        return None
+    logger.info("CDD: wrote %s and %s\n%s", os.path.join(out_dir, MERGED_FILE), os.path.join(out_dir, SUMMARY_FILE),
+                format_rows(done.rows))
+    return done.summary

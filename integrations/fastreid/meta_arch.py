@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import cdd_plugin
+from cdd_plugin.config import mask_start_iteration
 from cdd_plugin import ConfigError
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 
@@ -219,7 +220,7 @@ class CDDDistiller(nn.Module):
     def resolve_schedule(self, iters_per_epoch: int) -> None:
         """Convert ``CDD.MASK_START`` from epochs to iterations (``CDDTrainer`` calls this)."""
         if not self.schedule_resolved:
-            self.state.cfg.mask_start = self._mask_start * max(int(iters_per_epoch), 1)
+            self.state.cfg.mask_start = mask_start_iteration(self._mask_start, max(int(iters_per_epoch), 1))
             self.state.cfg.validate()
             self.schedule_resolved = True
             logger.info("CDD masks start at iteration %d (epoch %d x %d iterations per epoch)",

@@ -32,7 +32,7 @@ from fastreid.utils.logger import setup_logger  # noqa: E402
 
 import cdd_plugin  # noqa: E402
 from cdd_plugin import ConfigError  # noqa: E402
-from cdd_plugin.merge import read_merged  # noqa: E402
+from cdd_plugin.export import read_merged  # noqa: E402
 
 from .config import check_device, load_config  # noqa: E402
 from .meta_arch import build_dense_student  # noqa: E402

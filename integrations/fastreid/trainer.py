@@ -4,7 +4,8 @@ For any FastReID config (teacher training included) it
 * applies the compatibility patches (``compat.apply``) and checks the device;
 * builds the optimizer with ``contiguous=False`` (FastReID's default contiguous parameter
   buffer silently stops updating weights on torch >= 2.0);
-* reads datasets from ``DATASETS.ROOT`` and supports the ``*Subset`` datasets;
+* reads datasets from ``DATASETS.ROOT`` and supports the ``*Subset`` datasets; evaluation uses
+  ``DATALOADER.NUM_WORKERS`` loader processes (FastReID always starts 4);
 * on ``--resume``, continues the data stream where the checkpoint left it (FastReID
   restarts its sampler, so a resumed run would repeat the first batches);
 * writes checkpoints atomically (``checkpoint.AtomicCheckpointer``: an interrupted save
@@ -13,8 +14,8 @@ For any FastReID config (teacher training included) it
 When ``MODEL.META_ARCHITECTURE`` is ``CDDDistiller`` it also
 * builds the model (DGC surgery happens there, before the optimizer exists);
 * builds FastReID's optimizer over the student (so ``HEADS_LR_FACTOR`` and
-  ``FREEZE_LAYERS`` see the student's own parameter names), exempts the DGCs from
-  weight decay and wraps it in ``cdd_plugin.RGGROptimizer``: the CDD state (masks,
+  ``FREEZE_LAYERS`` see the student's own parameter names) and wraps it in
+  ``cdd_plugin.RGGROptimizer`` (which applies ``CDD.DECAY_COMPACTORS``): the CDD state (masks,
   queues, schedule) then travels in ``optimizer.state_dict()["cdd"]``, so FastReID's
   checkpointer saves it and ``--resume`` restores it;
 * converts ``CDD.MASK_START`` from epochs to iterations;
@@ -36,6 +37,7 @@ compat.apply()
 import cdd_plugin  # noqa: E402
 from cdd_plugin import ConfigError  # noqa: E402
 from fastreid.data import build_reid_test_loader, build_reid_train_loader  # noqa: E402
+from fastreid.data.build import _test_loader_from_config  # noqa: E402
 from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
 from fastreid.modeling.meta_arch import build_model  # noqa: E402
 from fastreid.solver import build_optimizer  # noqa: E402
@@ -134,10 +136,7 @@ class CDDTrainer(DefaultTrainer):
         optimizer, params = build_optimizer(cfg, target, contiguous=False)
         if cdd is None:
             return optimizer, params
-        dgc = {id(d.weight) for d in cdd.state.compactors.values()}
-        for group in optimizer.param_groups:  # FastReID makes one group per parameter
-            if any(id(p) in dgc for p in group["params"]):
-                group["weight_decay"] = 0.0  # the group lasso is the DGCs' regulariser
+        # RGGROptimizer applies CDD.DECAY_COMPACTORS (the authors': the compactors decay like every weight)
         return cdd_plugin.RGGROptimizer(optimizer, cdd.state), params
 
     @classmethod
@@ -157,8 +156,10 @@ class CDDTrainer(DefaultTrainer):
         root = dataset_root(cfg)
         try:
             with using_root(root):
-                return build_reid_test_loader(cfg, dataset_name=dataset_name,
-                                              **loader_kwargs(cfg, [dataset_name]))
+                # FastReID's test loader always starts 4 worker processes per rank; DATALOADER.NUM_WORKERS
+                # (the configured value) applies to evaluation too, so a CPU run does not start extra processes
+                args = _test_loader_from_config(cfg, dataset_name=dataset_name, **loader_kwargs(cfg, [dataset_name]))
+                return build_reid_test_loader(**args, num_workers=int(cfg.DATALOADER.NUM_WORKERS))
         except (RuntimeError, AssertionError, FileNotFoundError) as exc:
             if is_missing_dataset(exc):
                 raise missing_dataset_error([dataset_name], root, exc) from exc

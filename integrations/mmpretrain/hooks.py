@@ -4,11 +4,10 @@ During training it logs the core's ``state.summary()`` figures (``cdd_channels_a
 ``cdd_channels_kept``, ``cdd_mflops_merged`` = MFLOPs of the model merge would produce
 now, ``cdd_flops_ratio`` = that over the dense student's) through mmengine's MessageHub,
 so they reach the logger and every visualizer backend next to the loss terms (``loss_*``
-and the logged figure ``cdd_sparsity``). After training
-it merges the student (``cdd_plugin.merge``), writes ``model_merged.pth``
-(``cdd_plugin.save_merged``), evaluates the teacher, the unmerged and the merged
-student (the merged one reloaded from that file) with the configured evaluator, and
-writes ``cdd_summary.json``. Before a test/val run whose checkpoint is a merged file,
+and the logged figure ``cdd_sparsity``). After training it runs the core's end of a CDD
+run, ``cdd_plugin.finalize`` (the same as the demo's and FastReID's), with the configured
+evaluator: merge, evaluate teacher / trained student / merged student, count them, write
+``model_merged.pth`` and ``cdd_summary.json``. Before a test/val run whose checkpoint is a merged file,
 it rebuilds the narrow student so the runner can load it.
 
 Exact resume: every checkpoint also carries the random number generator states of the
@@ -23,9 +22,6 @@ checkpoint's seed (mmengine builds the dataloader, with a fresh seed when
 """
 from __future__ import annotations
 
-import copy
-import math
-import os
 import os.path as osp
 import random
 from typing import Dict, Optional
@@ -37,12 +33,12 @@ from mmengine.hooks import Hook
 from mmengine.runner import BaseLoop
 from mmpretrain.registry import HOOKS
 
-import cdd_plugin
 from cdd_plugin import report
+from cdd_plugin.config import mask_start_iteration
 from cdd_plugin.dgc import apply_input_dgc, apply_output_dgc
 
 from .datasets import PKBatchSampler
-from .model import CDDRetriever, unwrap, is_merged_file
+from .model import CDDRetriever, _embed_forward, is_merged_file, unwrap
 from .optim import is_cdd_wrapper
 
 SUMMARY_SCHEMA = report.SCHEMA
@@ -165,7 +161,7 @@ class CDDHook(Hook):
         _check_dgcs_applied(model)
         if model.mask_start_epoch is not None:
             per_epoch = len(runner.train_dataloader) / max(1, getattr(runner.optim_wrapper, "_accumulative_counts", 1))
-            state.cfg.mask_start = int(math.ceil(float(model.mask_start_epoch) * per_epoch))
+            state.cfg.mask_start = mask_start_iteration(model.mask_start_epoch, per_epoch)
             state.cfg.validate()
             model.mask_schedule_ready = True
         runner.logger.info(state.report())
@@ -217,47 +213,30 @@ class CDDHook(Hook):
         runner.message_hub.update_scalar("train/cdd_mflops_merged", summary["flops_merged"] / 1e6)
 
     def after_train(self, runner) -> None:
-        model = self._model(runner)
-        state = model.cdd_state
-        work_dir = runner.work_dir
-        merged_path = osp.join(work_dir, self.merged_file)
-        cfg_path = osp.abspath(runner.cfg.filename) if runner.cfg.filename else None
-        if is_main_process():
-            merged = cdd_plugin.merge(model.student_net)
-            cdd_plugin.save_merged(merged, merged_path, meta={
-                "framework": "mmpretrain", "config": cfg_path, "iterations": int(runner.iter),
-                "input_size": list(model.input_size)})
-            runner.logger.info(f"CDD: merged student written to {merged_path}")
-        barrier()
-        narrow = cdd_plugin.load_merged(merged_path, model.build_dense_student().cpu())
-        narrow.to(model.example_inputs().device)
+        """The core's end of a CDD run (``cdd_plugin.finalize``) with the configured evaluator."""
+        from cdd_plugin.finalize import finalize
 
-        nets = [("teacher", model.teacher), ("student_unmerged", model.student_net), ("student_merged", narrow)]
-        metrics = {name: self._evaluate(runner, model, net) for name, net in nets}
-        if not is_main_process():
+        model = self._model(runner)
+        work_dir = runner.work_dir
+        cfg_path = osp.abspath(runner.cfg.filename) if runner.cfg.filename else None
+        main = is_main_process()
+        done = finalize(
+            model.student_net, model.cdd_state, lambda net: self._evaluate(runner, model, net),
+            model.example_inputs(1), framework="mmpretrain", config=cfg_path, iterations=int(runner.iter),
+            teacher=model.teacher, forward_fn=_embed_forward, latency=self.latency, latency_runs=self.latency_runs,
+            merged_path=osp.join(work_dir, self.merged_file), summary_path=osp.join(work_dir, self.summary_file),
+            merged_meta={"framework": "mmpretrain", "config": cfg_path, "iterations": int(runner.iter),
+                         "input_size": list(model.input_size)},
+            write=main)
+        barrier()
+        if not main:
             return
-        rows = []
-        x = model.example_inputs(1)
-        # costs of the unmerged student are those of its architecture without the DGCs
-        # (a training device that merge folds away): the uncompressed baseline
-        costs = {"teacher": model.teacher, "student_unmerged": model.build_dense_student(), "student_merged": narrow}
-        for name, _ in nets:
-            enc = costs[name].image_encoder
-            prof = cdd_plugin.profile(enc, x)
-            latency = None
-            if self.latency:
-                cpu = copy.deepcopy(enc).cpu()
-                latency = cdd_plugin.profile(cpu, x.cpu(), latency=True, warmup=2, runs=self.latency_runs)["latency_ms"]
-            rows.append({"name": name, "metrics": metrics[name], "params": int(prof["params"]),
-                         "flops": int(prof["flops"]), "latency_ms": latency})
-        summary = report.build_summary("mmpretrain", cfg_path, runner.iter, rows, state)
-        path = osp.join(work_dir, self.summary_file)
-        report.write_summary(summary, path)
-        runner.logger.info(_table(rows, summary))
+        runner.logger.info(_table(done.rows, done.summary))
         runner.visualizer.add_scalars({
-            "cdd/flops_reduction": summary["flops_reduction"], "cdd/params_reduction": summary["params_reduction"]},
-            step=int(runner.iter))
-        runner.logger.info(f"CDD: summary written to {path}")
+            "cdd/flops_reduction": done.summary["flops_reduction"],
+            "cdd/params_reduction": done.summary["params_reduction"]}, step=int(runner.iter))
+        runner.logger.info(f"CDD: merged student written to {osp.join(work_dir, self.merged_file)}, summary to "
+                           f"{osp.join(work_dir, self.summary_file)}")
 
     # -- evaluation ----------------------------------------------------------------------
     def _evaluate(self, runner, model: CDDRetriever, net) -> Dict[str, float]:

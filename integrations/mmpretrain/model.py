@@ -27,7 +27,7 @@ from torch import nn
 import cdd_plugin
 from cdd_plugin.config import ConfigError
 from cdd_plugin.distill import CDDDistiller, LossConfig
-from cdd_plugin.merge import FORMAT as MERGED_FORMAT
+from cdd_plugin.export import FORMAT as MERGED_FORMAT
 
 EMBEDDING_FIELD = "embedding"
 _ADAPTER_CDD_KEYS = ("mask_start_epoch",)

@@ -1,9 +1,9 @@
 """The RGGR gradient step as mmengine optimizer wrappers.
 
-``CDDOptimWrapper`` (and ``CDDAmpOptimWrapper`` for mixed precision) call the core's
-``state.on_step()`` (mask refresh by schedule) and ``state.reset_gradients()`` (the RGGR
-gradient edit, METHOD.md section 4) right before the inner optimizer's step, i.e. only
-on real steps when gradients are accumulated. Their ``state_dict`` carries the CDD
+``CDDOptimWrapper`` (and ``CDDAmpOptimWrapper`` for mixed precision) run the core's one
+step protocol, ``CDDState.step`` (mask refresh by schedule, the RGGR gradient edit of
+METHOD.md section 4, the inner step, the proximal snap; one policy for non-finite
+gradients), only on real steps when gradients are accumulated. Their ``state_dict`` carries the CDD
 state under ``"cdd"``, so mmengine's resume restores masks, queues and schedule.
 
 The wrappers are bound to the model's CDD state by ``CDDOptimWrapperConstructor``::
@@ -13,10 +13,8 @@ The wrappers are bound to the model's CDD state by ``CDDOptimWrapperConstructor`
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
-from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
 from torch import nn
@@ -39,18 +37,18 @@ class _CDDStep:
                              "from the CDD model's parameters (do not freeze or filter the '*.cdd_dgc.weight' "
                              "parameters in paramwise_cfg)")
         self.cdd = state
+        state.apply_weight_decay_policy(self.optimizer)
         if self._pending_cdd is not None:
             state.load_state_dict(self._pending_cdd)
             self._pending_cdd = None
 
-    def _cdd_step(self) -> None:
+    def _bound(self):
         if self.cdd is None:
             raise RuntimeError(
                 f"{type(self).__name__} is not bound to a CDD state. Fix: set "
                 "optim_wrapper.constructor='CDDOptimWrapperConstructor' in the config (it binds the wrapper to "
                 "the CDDRetriever's state), or call wrapper.bind(model.cdd_state)")
-        self.cdd.on_step()
-        self.cdd.reset_gradients()
+        return self.cdd
 
     def _add_cdd(self, sd: dict) -> dict:
         if self.cdd is not None:
@@ -58,17 +56,28 @@ class _CDDStep:
         return sd
 
     def _pop_cdd(self, state_dict: dict) -> dict:
+        """The CDD entry is required (one policy with the core's RGGROptimizer): a checkpoint without it
+        was not written by a CDD run, and resuming from it would restart masks, queues and schedule."""
         state_dict = dict(state_dict)
         cdd = state_dict.pop(CDD_KEY, None)
         if cdd is None:
-            print_log("the optimizer state has no CDD state ('cdd'): masks, memory queues and the mask schedule "
-                      "start afresh (the checkpoint was not written by a CDD run)",
-                      logger="current", level=logging.WARNING)
-        elif self.cdd is not None:
+            raise ValueError("the optimizer state of this checkpoint has no CDD state ('cdd'): it was not written by a "
+                             "CDD run, and resuming from it would restart masks, memory queues and the mask schedule "
+                             "while the weights continue. Fix: resume from a checkpoint of the CDD run, or start the "
+                             "student from those weights with load_from (no resume)")
+        if self.cdd is not None:
+            self.cdd.check_state_dict(cdd)
+        self._checked_cdd = cdd
+        return state_dict
+
+    def _apply_cdd(self) -> None:
+        cdd, self._checked_cdd = getattr(self, "_checked_cdd", None), None
+        if cdd is None:
+            return
+        if self.cdd is not None:
             self.cdd.load_state_dict(cdd)
         else:
             self._pending_cdd = cdd
-        return state_dict
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -78,15 +87,14 @@ class CDDOptimWrapper(_CDDStep, OptimWrapper):
     def step(self, **kwargs) -> None:
         if self.clip_grad_kwargs:
             self._clip_grad()
-        self._cdd_step()
-        self.optimizer.step(**kwargs)
-        self.cdd.after_step(self.optimizer)
+        self._bound().step(self.optimizer, lambda: self.optimizer.step(**kwargs))
 
     def state_dict(self) -> dict:
         return self._add_cdd(super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(self._pop_cdd(state_dict))
+        super().load_state_dict(self._pop_cdd(state_dict))  # checks first, loads the optimizer, then CDD
+        self._apply_cdd()
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -99,19 +107,21 @@ class CDDAmpOptimWrapper(_CDDStep, AmpOptimWrapper):
     """
 
     def step(self, **kwargs) -> None:
+        state = self._bound()
         self.loss_scaler.unscale_(self.optimizer)
         if self.clip_grad_kwargs:
             self._clip_grad()
-        self._cdd_step()
-        self.loss_scaler.step(self.optimizer, **kwargs)
+        found = self.loss_scaler._per_optimizer_states[id(self.optimizer)].get("found_inf_per_device", {})
+        overflow = any(float(v.item()) > 0 for v in found.values())
+        state.step(self.optimizer, lambda: self.loss_scaler.step(self.optimizer, **kwargs), overflow=overflow)
         self.loss_scaler.update(self._scale_update_param)
-        self.cdd.after_step(self.optimizer)
 
     def state_dict(self) -> dict:
         return self._add_cdd(super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(self._pop_cdd(state_dict))
+        super().load_state_dict(self._pop_cdd(state_dict))  # checks first, loads the optimizer, then CDD
+        self._apply_cdd()
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()

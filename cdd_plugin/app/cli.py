@@ -7,7 +7,7 @@ errors); ``--debug`` (or ``CDD_DEBUG=1``) shows the traceback instead.
 Architectures (``--arch``) are looked up in :data:`ARCH_BUILDERS` by the text before the
 first colon:
 
-* ``demo``                    the demo's network (``cdd_plugin.demo.DemoNet``; its settings
+* ``demo``                    the demo's network (``cdd_plugin.app.demo.DemoNet``; its settings
                               are read from the file's meta data when present)
 * ``torchvision:<name>``      e.g. ``torchvision:resnet50`` (random init, ``--num-classes``)
 * ``fastreid:<config.yml>``, ``mmpretrain:<config.py>``: delegated to the integration
@@ -22,6 +22,7 @@ Other code can add a family with :func:`register_arch`.
 from __future__ import annotations
 
 import argparse
+import math
 import importlib
 import json
 import logging
@@ -31,9 +32,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-logger = logging.getLogger("cdd_plugin.cli")
+logger = logging.getLogger("cdd_plugin.app.cli")
 
 PROG = "cdd"
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {what}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} is too small; give {what}")
+        return v
+    return parse
+
+
+def _finite(low: float = -math.inf, high: float = math.inf, what: str = "a finite number", open_low: bool = False,
+            open_high: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {what}") from None
+        if not math.isfinite(v) or v < low or v > high or (open_low and v == low) or (open_high and v == high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {what}")
+        return v
+    return parse
 
 
 class CLIError(Exception):
@@ -134,7 +160,15 @@ def _build_integration(family: str) -> ArchBuilder:
                            f"--arch demo or torchvision:<name>, or the {family} tools")
         if not spec:
             raise CLIError(f"--arch {family} needs a config file, e.g. --arch {family}:path/to/config")
-        built = builder(spec, num_classes=options.get("num_classes"))
+        try:
+            built = builder(spec, num_classes=options.get("num_classes"))
+        except CLIError:
+            raise
+        except FileNotFoundError as exc:
+            raise CLIError(f"--arch {family}:{spec}: {exc}") from exc
+        except Exception as exc:  # a malformed config file, unknown keys, ...: one line naming the file
+            raise CLIError(f"--arch {family}:{spec}: the {family} config cannot be built ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); check that file") from exc
         if isinstance(built, Arch):
             return built
         if isinstance(built, dict):
@@ -240,7 +274,8 @@ def _check_out(out: str, force: bool, *inputs: str) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo, report
+    from . import demo
+    from .. import report
 
     overrides = {"out": args.out, "seed": args.seed, "student_epochs": args.epochs,
                  "teacher_epochs": args.teacher_epochs, "lasso": args.lasso, "flops_target": args.flops_target,
@@ -276,7 +311,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
     import cdd_plugin
-    from .merge import read_merged
+    from ..export import read_merged
 
     if not os.path.isfile(args.merged):
         raise CLIError(f"merged model '{args.merged}' not found; write one with `cdd merge` or `cdd demo`")
@@ -342,14 +377,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     num_classes = args.num_classes or (meta.get("num_classes") if isinstance(meta.get("num_classes"), int) else None)
     arch = build_arch(arch_name, num_classes=num_classes, meta=meta)
     shape = parse_shape(args.input) or _meta_shape(meta) or arch.input
-    model = arch.model
     x2 = arch.inputs(2, shape)
-    cfg = cdd_plugin.CDDConfig(threshold=args.threshold)
-    try:
-        state = cdd_plugin.insert_dgc(model, x2, cfg, forward_fn=arch.forward_fn,
-                                      customized_pruners=arch.customized_pruners)
-    except cdd_plugin.SurgeryError as exc:
-        raise CLIError(f"surgery on --arch {arch_name} failed: {str(exc).splitlines()[0]}") from exc
+    # the placement the student was trained with: recorded in the meta, else the one whose compactors
+    # are exactly the checkpoint's (the authors' placement first)
+    wanted = {k for k in sd if k.endswith("cdd_dgc.weight")}
+    placements = [meta["sites"]] if meta.get("sites") in ("paper", "all") else ["paper", "all"]
+    model = state = None
+    for sites in placements:
+        candidate = arch.model if model is None else build_arch(arch_name, num_classes=num_classes, meta=meta).model
+        cfg = cdd_plugin.CDDConfig(threshold=args.threshold, sites=sites, round_to=args.round_to)
+        try:
+            st = cdd_plugin.insert_dgc(candidate, x2, cfg, forward_fn=arch.forward_fn,
+                                       customized_pruners=arch.customized_pruners)
+        except cdd_plugin.SurgeryError as exc:
+            if sites == placements[-1] and state is None:
+                raise CLIError(f"surgery on --arch {arch_name} failed: {str(exc).splitlines()[0]}") from exc
+            continue
+        model, state = candidate, st
+        if {k for k in candidate.state_dict() if k.endswith("cdd_dgc.weight")} == wanted:
+            break
     missing, unexpected = _key_diff(model.state_dict(), sd)
     if missing or unexpected:
         hint = _prefix_hint(sd, model.state_dict())
@@ -419,19 +465,25 @@ def _first_mismatch(exc: Exception) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from . import report
+    from .. import report
 
     path = report.find_summary(args.run_dir)
     summary = report.load_summary(path)
     run_dir = path.parent
     history = report.load_history(run_dir / "history.jsonl")
-    written = [] if args.no_plots else report.write_plots(run_dir, summary, history)
     print(f"{path} ({summary['framework']}, {summary['iterations']} iterations"
           f"{', ' + str(len(history)) + ' evaluations in history.jsonl' if history else ''})")
-    print(report.format_table(summary))
+    print(report.format_table(summary))  # the table first: a plot that cannot be written never hides it
+    if args.no_plots:
+        return 0
+    try:
+        written = report.write_plots(run_dir, summary, history)
+    except OSError as exc:
+        raise CLIError(f"the table is above, but the plots cannot be written to '{run_dir}' ({exc.strerror or exc}); "
+                       "pass --no-plots, or copy the run folder somewhere writable") from exc
     if written:
         print("plots: " + ", ".join(written))
-    elif not args.no_plots:
+    else:
         print("no plots: the summary has no 'channels' and there is no history.jsonl")
     return 0
 
@@ -458,21 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "there are moved to OUT/previous/<time>/")
     d.add_argument("--seed", type=int, default=0, help="random seed; the same seed (and --threads) gives the same "
                    "results [default: 0]")
-    d.add_argument("--epochs", type=int, default=None, help="student (distillation) epochs [default: 20, quick: 4]")
-    d.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs [default: 10; market1501: 12; quick: 2]")
-    d.add_argument("--mask-start", type=int, default=None, help="RGGR warm-up in epochs: masks may change from "
+    d.add_argument("--epochs", type=_int_at_least(1, "at least one epoch"), default=None, help="student (distillation) epochs [default: 20, quick: 4]")
+    d.add_argument("--teacher-epochs", type=_int_at_least(1, "at least one epoch"), default=None, help="teacher epochs [default: 10; market1501: 12; quick: 2]")
+    d.add_argument("--mask-start", type=_int_at_least(0, "an epoch >= 0"), default=None, help="RGGR warm-up in epochs: masks may change from "
                    "this student epoch on [default: 2; market1501: 3; quick: 1]")
     d.add_argument("--quick", action="store_true", help="a much shorter run with a smaller network (< 1 minute; "
                    "used by the tests)")
     d.add_argument("--data", default="digits", metavar="SPEC", help="'digits' (bundled with scikit-learn) or "
                    "'market1501:PATH' (a subset of Market-1501, re-ID protocol, 128x64 input) [default: digits]")
-    d.add_argument("--ids", type=int, default=None, help="market1501: identities in the subset, for train and test "
+    d.add_argument("--ids", type=_int_at_least(2, "at least 2 identities"), default=None, help="market1501: identities in the subset, for train and test "
                    "each [default: 64]")
-    d.add_argument("--lasso", type=float, default=None, help="group-lasso strength [default: 0.02; the paper's "
+    d.add_argument("--lasso", type=_finite(0.0, what="a finite lasso >= 0, e.g. 0.02"), default=None, help="group-lasso strength [default: 0.02; the paper's "
                    "0.004 is made for ~50k iterations]")
-    d.add_argument("--flops-target", type=float, default=None, help="stop masking once the merged student keeps "
+    d.add_argument("--flops-target", type=_finite(0.0, 1.0, "a kept FLOPs fraction in (0, 1), e.g. 0.4", True, True), default=None, help="stop masking once the merged student keeps "
                    "this fraction of the heavy student's FLOPs [default: 0.4]")
-    d.add_argument("--threads", type=int, default=None, help="CPU threads [default: half the cores, at most 4]")
+    d.add_argument("--threads", type=_int_at_least(1, "at least one CPU thread"), default=None, help="CPU threads [default: half the cores, at most 4]")
     d.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     d.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress bars: auto = only on a terminal [default: auto]")
@@ -486,12 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--arch", help="demo | torchvision:<name> | fastreid:<config.yml> | mmpretrain:<config.py> "
                     "[default: recorded in the file]")
     pr.add_argument("--input", metavar="CxHxW", help="input size, e.g. 3x256x128 [default: recorded in the file]")
-    pr.add_argument("--num-classes", type=int, help="classes of the dense model to build (the merged file's "
+    pr.add_argument("--num-classes", type=_int_at_least(1, "the number of classes (>= 1)"), help="classes of the dense model to build (the merged file's "
                     "classifier replaces it anyway)")
     pr.add_argument("--latency", action="store_true", help="also measure the median CPU forward time")
-    pr.add_argument("--batch", type=int, default=1, help="batch size of the measurement (default 1)")
-    pr.add_argument("--runs", type=int, default=20, help="timed forward passes for --latency (default 20)")
-    pr.add_argument("--threads", type=int, help="CPU threads for --latency [default: half the cores, at most 4]")
+    pr.add_argument("--batch", type=_int_at_least(1, "a batch size >= 1"), default=1, help="batch size of the measurement (default 1)")
+    pr.add_argument("--runs", type=_int_at_least(1, "at least one timed run"), default=20, help="timed forward passes for --latency (default 20)")
+    pr.add_argument("--threads", type=_int_at_least(1, "at least one CPU thread"), help="CPU threads for --latency [default: half the cores, at most 4]")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.set_defaults(func=cmd_profile)
 
@@ -506,9 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input", metavar="CxHxW", help="the training input size, e.g. 3x256x128")
     m.add_argument("--out", required=True, help="merged model file to write")
     m.add_argument("--prefix", help="strip this prefix from the keys (e.g. 'student.' or 'module.')")
-    m.add_argument("--num-classes", type=int, help="classes of the student's classifier")
-    m.add_argument("--threshold", type=float, default=1e-5, help="remove channels whose DGC row norm is below this "
+    m.add_argument("--num-classes", type=_int_at_least(1, "the number of classes (>= 1)"), help="classes of the student's classifier")
+    m.add_argument("--threshold", type=_finite(0.0, what="a merge threshold > 0, e.g. 1e-5", open_low=True), default=1e-5, help="remove channels whose DGC row norm is below this "
                    "(default 1e-5)")
+    m.add_argument("--round-to", type=_int_at_least(1, "a channel multiple >= 1, e.g. 8"), default=1,
+                   help="keep a multiple of this many channels in every cut layer (8 or 16 suit CPU/GPU kernels; "
+                   "the extra rows are the largest the cut would remove, so the merge stays exact) [default: 1]")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
     m.set_defaults(func=cmd_merge)
 
@@ -543,14 +598,14 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _user_errors() -> tuple:
-    from .config import ConfigError
+    from ..config import ConfigError
     from .demo import DemoError
-    from .merge import MergeError
-    from .report import ReportError
-    from .surgery import SurgeryError
+    from ..merge import MergeError
+    from ..report import ReportError
+    from ..surgery import SurgeryError
 
     return (CLIError, DemoError, ReportError, ConfigError, MergeError, SurgeryError, FileNotFoundError,
-            NotADirectoryError, PermissionError)
+            NotADirectoryError, PermissionError, IsADirectoryError, OSError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

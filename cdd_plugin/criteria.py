@@ -1,0 +1,86 @@
+"""Mask criteria: which compactor rows stop receiving the task gradient now.
+
+Each criterion has one method, ``propose(state) -> [(score, site, channel), ...]``: the
+channels it would mask at this refresh, most expendable first (the score orders them).
+``CDDState`` applies the proposals in order within the budget (``min_channels`` per site, the
+FLOPs target) and keeps masks once set, as the authors do. Like torch-pruning's importance
+classes, a new rule is a new class registered in ``CRITERIA``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+from .rggr import select_unimportant
+
+Proposal = Tuple[float, str, int]
+
+
+class Criterion:
+    """The interface: ``propose(state)`` returns the channels to mask now, most expendable first."""
+
+    name = "base"
+
+    def propose(self, state) -> List[Proposal]:
+        raise NotImplementedError
+
+
+class RGGR(Criterion):
+    """Retrieval-Guided Gradient Resetting (METHOD.md section 4): a channel is proposed when it is
+    among the ``ratio`` least contributing channels for every (query, teacher neighbour) pair of
+    the batch; among proposals the smaller row norm goes first."""
+
+    name = "rggr"
+
+    def propose(self, state) -> List[Proposal]:
+        cfg = state.cfg
+        out: List[Proposal] = []
+        for name, (s, t) in state.pending().items():
+            d = state.compactors[name]
+            queue = state.queues[name]
+            unimportant = select_unimportant(s, t, queue.bank(), cfg.k, cfg.ratio, cfg.metric,
+                                             bank_norms=queue.bank_norms())
+            new = unimportant & d.mask.bool().to(unimportant.device)
+            if new.any():
+                norms = d.channel_norms().cpu()
+                out.extend((float(norms[c]), name, c) for c in new.nonzero().flatten().tolist())
+        return out
+
+
+class Norm(Criterion):
+    """ResRep's rule: the ``norm_step`` unmasked rows of smallest norm over all sites (a global ranking),
+    a few at a time, until the FLOPs target is met."""
+
+    name = "norm"
+
+    def propose(self, state) -> List[Proposal]:
+        cfg = state.cfg
+        ranked = sorted((float(d.channel_norms().cpu()[c]), name, c) for name, d in state.compactors.items()
+                        for c in d.mask.nonzero().flatten().tolist())
+        active: Dict[str, int] = state.active_channels()
+        chosen: List[Proposal] = []
+        for p in ranked:
+            if len(chosen) >= cfg.norm_step:
+                break
+            if active[p[1]] > cfg.min_channels:
+                chosen.append(p)
+                active[p[1]] -= 1
+        return chosen
+
+
+class NoMasks(Criterion):
+    """The group lasso alone: nothing is ever masked."""
+
+    name = "none"
+
+    def propose(self, state) -> List[Proposal]:
+        return []
+
+
+CRITERIA = {c.name: c for c in (RGGR, Norm, NoMasks)}
+
+
+def build_criterion(name: str) -> Criterion:
+    return CRITERIA[name]()
+
+
+__all__ = ["CRITERIA", "Criterion", "NoMasks", "Norm", "RGGR", "build_criterion"]

@@ -1,0 +1,185 @@
+"""Placement rules: each channel set of torch-pruning's dependency graph becomes a compactor
+site, or a stated reason why not. Rules only; attaching, probing and the transaction live in
+``surgery``.
+
+* producer -> BatchNorm (or no norm) -> ...      : output-side DGC after the norm
+* producer -> InstanceNorm / IBN-like -> consumer : input-side DGC before the consumer
+* producer -> ... depthwise conv (-> BN) -> ...   : diagonal DGC after the depthwise norm
+* channels tied across several producers (a residual addition): skipped, as in the paper
+* ``sites='paper'``: of those, only the set that feeds a residual block's last convolution
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch_pruning as tp
+from torch import nn
+
+from .dgc import DGC_ATTR
+from .graph import foldable_bn, is_dense, is_depthwise, is_grouped
+
+
+@dataclass
+class DGCSite:
+    """One compacted channel set."""
+
+    name: str                      # qualified name of the DGC module (``<host>.cdd_dgc``)
+    kind: str                      # "out" | "in" | "diag"
+    channels: int
+    host: str                      # module the DGC is hooked on
+    producer: str                  # conv/linear whose output channels are cut
+    norm: Optional[str] = None     # BatchNorm folded into the producer (out) / depthwise (diag)
+    depthwise: Optional[str] = None
+    consumers: List[str] = field(default_factory=list)
+    tap: Tuple[str, str] = ("", "output")   # where the matching teacher feature is read
+    consumer_shares: Dict[str, int] = field(default_factory=dict)  # input features of each consumer from this set
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "channels": self.channels, "host": self.host,
+                "producer": self.producer, "norm": self.norm, "depthwise": self.depthwise,
+                "consumers": list(self.consumers), "tap": list(self.tap),
+                "consumer_shares": dict(self.consumer_shares)}
+
+
+@dataclass
+class Skipped:
+    layers: List[str]
+    reason: str
+
+
+class Planner:
+    """Classifies torch-pruning groups into DGC sites or stated skips."""
+
+    def __init__(self, model: nn.Module, DG: tp.DependencyGraph):
+        self.model = model
+        self.DG = DG
+        self.name_of = {m: n for n, m in model.named_modules()}
+        self.customized = tuple(t for t in DG.CUSTOMIZED_PRUNERS.keys() if isinstance(t, type))
+        self.coupled: set = set()   # producers of channel sets tied by a residual addition
+
+    def _node_outputs(self, m: nn.Module) -> List[Any]:
+        node = self.DG.module2node.get(m)
+        return [] if node is None else [o.module for o in node.outputs]
+
+    def classify(self, group) -> Tuple[Optional[DGCSite], Optional[Skipped]]:
+        DG = self.DG
+        producers, depthwise, consumers, norms, others = [], [], [], [], []
+        shares: Dict[str, int] = {}
+        self.last_shares = shares
+        reaches_output = False
+        for dep, _idxs in group:
+            mod = dep.target.module
+            fn = dep.handler
+            if isinstance(mod, tp.ops._OutputOp) or (DG.is_out_channel_pruning_fn(fn) and not dep.target.outputs):
+                reaches_output = True
+                continue
+            if isinstance(mod, (tp.ops._ElementWiseOp, tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp,
+                                tp.ops._SliceOp, tp.ops._UnbindOp, tp.ops._ExpandOp)):
+                continue
+            if isinstance(mod, nn.Parameter):
+                others.append(("an unwrapped parameter", mod))
+                continue
+            is_out = DG.is_out_channel_pruning_fn(fn)
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                if is_depthwise(mod):
+                    depthwise.append(mod)
+                elif is_out:
+                    producers.append(mod)
+                else:
+                    consumers.append(mod)
+                    shares[self.name_of.get(mod, "?")] = len(_idxs)
+            elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                                  nn.GroupNorm, nn.LayerNorm)) or (self.customized and isinstance(mod, self.customized)):
+                norms.append(mod)
+            elif isinstance(mod, nn.PReLU):
+                continue
+            else:
+                others.append((type(mod).__name__, mod))
+        names = lambda ms: [self.name_of.get(m, type(m).__name__) for m in ms]  # noqa: E731
+        root_mod = group[0].dep.target.module if len(group) else None
+        root = names(producers or depthwise or consumers) or [self.name_of.get(root_mod, type(root_mod).__name__)]
+
+        def skip(reason: str, layers=None) -> Tuple[None, Skipped]:
+            return None, Skipped(layers or root, reason)
+
+        if reaches_output:
+            return skip("its channels are part of the model output (pruning them would change the output size)")
+        if others:
+            kind, _ = others[0]
+            return skip(f"the channel group contains {kind}, which surgery cannot fold exactly")
+        if len(producers) != 1:
+            if len(producers) == 0:
+                return skip("no dense producer owns these channels")
+            self.coupled.update(names(producers))
+            return skip(f"channels are coupled across {len(producers)} producers ({', '.join(names(producers)[:4])}"
+                        f"{', ...' if len(producers) > 4 else ''}) by a residual addition or concatenation; "
+                        "the paper does not compact coupled channels", names(producers))
+        producer = producers[0]
+        pname = self.name_of[producer]
+        channels = producer.out_channels if isinstance(producer, nn.Conv2d) else producer.out_features
+        if channels < 2:
+            return skip("the layer has a single output channel")
+        grouped = [m for m in consumers + [producer] if is_grouped(m)]
+        if grouped:
+            return skip(f"grouped convolution {names(grouped)[0]} (groups={grouped[0].groups}) cannot lose "
+                        "arbitrary channels without breaking its group structure", [pname])
+        bad_norm = [m for m in norms if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+        if bad_norm:
+            return skip(f"{type(bad_norm[0]).__name__} {names(bad_norm)[0]} normalises across channels; removing "
+                        "channels would change the function", [pname])
+        consumer_names = names(consumers)
+        if depthwise:
+            if len(depthwise) > 1:
+                return skip("a chain of several depthwise convolutions is not supported", [pname])
+            dw = depthwise[0]
+            if dw.out_channels != channels:
+                return skip(f"the depthwise convolution {names([dw])[0]} carries {dw.out_channels} channels, of which "
+                            f"these {channels} are a part (concatenation); a diagonal compactor needs them alone",
+                            [pname])
+            outs = self._node_outputs(dw)
+            norm = outs[0] if len(outs) == 1 and isinstance(outs[0], nn.Module) and foldable_bn(outs[0]) else None
+            host = norm if norm is not None else dw
+            hname = self.name_of[host]
+            return DGCSite(name=f"{hname}.{DGC_ATTR}", kind="diag", channels=channels, host=hname, producer=pname,
+                           norm=self.name_of[norm] if norm is not None else None, depthwise=self.name_of[dw],
+                           consumers=consumer_names, tap=(hname, "output")), None
+        outs = self._node_outputs(producer)
+        first = outs[0] if len(outs) == 1 else None
+        if isinstance(first, nn.Module) and foldable_bn(first):
+            hname = self.name_of[first]
+            return DGCSite(name=f"{hname}.{DGC_ATTR}", kind="out", channels=channels, host=hname, producer=pname,
+                           norm=hname, consumers=consumer_names, tap=(hname, "output")), None
+        if norms:
+            # a norm that cannot be folded backward (InstanceNorm, IBN, a BatchNorm after the activation):
+            # compact on the single dense consumer's input instead and fold forward
+            if len(consumers) != 1 or not is_dense(consumers[0]):
+                return skip(f"the producer's {type(norms[0]).__name__} cannot be folded into it, and an input-side "
+                            f"compactor needs exactly one dense consumer (found {len(consumers)})", [pname])
+            width = getattr(consumers[0], "in_channels", getattr(consumers[0], "in_features", None))
+            if width != channels:
+                return skip(f"the consumer {consumer_names[0]} sees {width} input channels, of which these "
+                            f"{channels} are a part (concatenation); an input-side compactor needs them alone",
+                            [pname])
+            cname = consumer_names[0]
+            return DGCSite(name=f"{cname}.{DGC_ATTR}", kind="in", channels=channels, host=cname, producer=pname,
+                           consumers=consumer_names, tap=(cname, "input")), None
+        return DGCSite(name=f"{pname}.{DGC_ATTR}", kind="out", channels=channels, host=pname, producer=pname,
+                       consumers=consumer_names, tap=(pname, "output")), None
+
+
+def paper_sites(sites: List[DGCSite], coupled: set) -> Tuple[List[DGCSite], List[Skipped]]:
+    """The authors' placement: one compactor per residual block, on the channel set that
+    feeds the block's last convolution (every consumer of the set produces channels that a
+    residual addition ties together). In a bottleneck that is the middle 3x3 output, in a
+    basic block the first conv's output; the stem and a bottleneck's first set are left out."""
+    kept, dropped = [], []
+    for site in sites:
+        if site.consumers and all(c in coupled for c in site.consumers):
+            kept.append(site)
+        else:
+            dropped.append(Skipped([site.producer], "sites='paper': not the channel set that feeds a residual "
+                                   "block's last convolution (the authors' placement); sites='all' compacts it"))
+    return kept, dropped
+
+
