@@ -25,7 +25,6 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
 
 import cdd_plugin
 from cdd_plugin.distill import kd_loss, total_loss, triplet_loss

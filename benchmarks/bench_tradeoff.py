@@ -1,137 +1,82 @@
-"""Accuracy / efficiency trade-off of CDD + RGGR against its baselines on Market-1501.
+"""The trade-off study: CDD + RGGR against its alternatives on Market-1501, at an equal budget.
 
-    python benchmarks/bench_tradeoff.py [--preset cpu|smoke|full] [--rows ROW,...] [--out DIR]
-                                        [--seed N] [--device cpu|cuda] [--epochs N] [--flops-target F]
+    python benchmarks/bench_tradeoff.py [--preset cpu|smoke|full] [--rows ROW,...] [--seed N]
+                                        [--subset-seed N] [--out DIR] [--cache DIR] [--device cpu|cuda]
 
-Every row is trained by ONE training loop (``tradeoff_common.train``) with one schedule
-(SGD momentum 0.9, weight decay 5e-4 (none on DGCs), linear warm-up then cosine decay to 0),
-one seed policy (the same PK batches and the same random augmentations at every iteration
-for every row; teachers are initialised from ``--seed``, students from ``--seed + 1``) and
-one evaluation (``cdd_plugin.evaluation.evaluate_reid`` on the subset's query / gallery,
-cosine distance, re-ID protocol: same identity and camera removed; mAP and rank-1):
+The paper compresses a heavy student that starts from pretrained weights; so does this study.
+Market-1501's 751 training identities are split three ways by ``--subset-seed``:
+
+* ``pretrain_ids`` identities for a PRETRAINING stage that stands in for ImageNet weights: the heavy
+  architecture (and, separately, the light one) trained with CE + triplet. Cached outside the
+  repository (``--cache``, default ``$CDD_BENCH_CACHE`` or ``~/.cache/cdd_plugin/tradeoff``), keyed by
+  its settings, outside the rows' budgets.
+* ``train_ids`` identities: the study's training set. The TEACHER is the pretrained heavy network
+  trained on them for ``teacher_iters`` (cached, outside the budgets; the same teacher for every row).
+* ``val_ids`` held-out training identities: the VALIDATION split (query = one image per camera for
+  two cameras, gallery = the rest). Settings are chosen on it, never on the test identities.
+
+Test: ``test_ids`` identities of Market-1501's query / gallery split, standard re-ID protocol
+(``cdd_plugin.evaluation.evaluate_reid``: same identity and camera removed), cosine distance.
+
+Every row trains for the same ``budget`` iterations on the same batches (PK order and augmentations
+are a function of the seed and the epoch only), with the authors' schedule shape (warm-up 10/120, LR
+flat until 40/120, cosine to 0), SGD momentum 0.9, weight decay 5e-4 on every parameter, classifier
+LR x1.5, and the authors' losses (CE with label smoothing 0.1, batch-hard triplet margin 0.35, logit
+KD at T = 2, and the FitNet feature term 0.5 wherever the student has the teacher's width at the
+tapped module). Heavy rows start from the heavy pretraining, the light row from its own.
 
 =============  ===========================================================================
 row            what
 =============  ===========================================================================
-teacher        the heavy architecture trained with CE (label smoothing 0.1) + triplet;
-               cached in ``OUT/cache/teacher.pth`` and reused while the settings match
-kd_heavy       heavy student (the teacher's architecture), CE + triplet + logit KD
-               (the core's ``triplet_loss`` / ``kd_loss``), not compressed
-cdd_rggr       ``insert_dgc`` + ``CDDDistiller`` + ``RGGROptimizer``, criterion "rggr",
-               ``flops_target`` (default 0.35: ~65% fewer FLOPs, as in the paper)
-cdd_norm       the same with ResRep's rule (criterion "norm"), at the FLOPs of cdd_rggr
-cdd_lasso      criterion "none" (group lasso, no gradient resetting); at the end the
-               smallest-norm DGC rows (global ranking) are cut to the FLOPs of cdd_rggr, so the
-               rows compare at equal FLOPs (cutting rows that are not zero changes the function;
-               that is the cost of compressing without masks)
-light          a fixed narrow network: the same ResNet with the integer ``width_per_group`` whose
-               FLOPs are closest to the cdd_rggr merged model (``width_per_group`` scales exactly
-               the bottleneck widths CDD compacts), KD from scratch
-tp             torch-pruning one-shot magnitude pruning (``MagnitudeImportance(p=2)`` +
-               ``BasePruner``) of the trained kd_heavy to the same FLOPs, then KD fine-tuning for
-               the same number of epochs. Only the channel sets CDD compacts are prunable (every
-               other conv / linear is in ``ignored_layers``: residual channels are NOT pruned);
-               per-layer uniform ratio (``--tp-global`` for global ranking); ratio by bisection
+teacher        (outside the budgets) the pretrained heavy network trained on the study's identities
+kd_heavy       heavy student, KD, not compressed (the accuracy reference)
+cdd_rggr       THE method: ``insert_dgc`` (the authors' placement, ``sites='paper'``) + CDDDistiller
+               + RGGROptimizer, masks from 1/6 of the budget, p = 0.5, K = 2; its lasso is chosen on
+               the validation split (below); its merged FLOPs are the study's "equal FLOPs"
+cdd_rggr_all   the same with every compactable channel set (``sites='all'``, ours), masks until the
+               equal-FLOPs point
+cdd_norm       ResRep's rule (criterion ``norm``) with the authors' placement, to the equal FLOPs
+cdd_lasso      the group lasso alone (criterion ``none``), smallest rows cut to the equal FLOPs at the end
+tp             torch-pruning one-shot: kd_heavy's weights at the mask start (1/6 of the budget, the
+               same point as CDD), ``MagnitudeImportance`` + ``BasePruner`` to the equal FLOPs, KD for
+               the rest of the budget (its first 1/6 counts in the budget)
+tp_sparse      torch-pruning's own sparse training: ``GroupNormPruner`` regulariser during KD for
+               ``tp_sparse_frac`` of the budget, then pruned (group importance) to the equal FLOPs,
+               KD for the rest
+light          the same ResNet with the ``width_per_group`` whose deployed FLOPs are closest to the
+               equal FLOPs, its own pretraining, KD for the whole budget
 =============  ===========================================================================
 
-"At equal FLOPs" means the merged FLOPs of cdd_rggr in this run (or the cached cdd_rggr of
-the same settings). If cdd_rggr is neither run nor cached, or compressed nothing, the
-baselines use ``--flops-target`` x the heavy student's FLOPs instead (said in the results).
-With ``--feat-weight > 0`` the FitNet feature term (METHOD.md section 3) is added at the
-compacted sites wherever the student's width there equals the teacher's (every site for
-kd_heavy and the CDD rows, only the stem for the light student, none of the pruned ones for
-tp). It is 0 by default so that every student row optimises exactly the same loss:
-CE + triplet + logit KD (at weight 0.5 the term also dwarfs the others here: ~100 vs ~15).
+Ablations of the recipe (run with ``--rows``; each is cdd_rggr with its chosen lasso and one setting
+changed): ``abl_feat_after`` (feature term after the compactor), ``abl_no_decay`` (compactors exempt
+from weight decay), ``abl_no_snap`` (no proximal snap), ``abl_mask_late`` (masks from 1/3 of the
+budget), ``abl_ratio_authors`` (p = 0.5), ``abl_sites_authors`` / ``abl_sites_all`` (placement),
+``abl_live_lasso_paper`` (the paper's 0.004 on the rows that still learn, the chosen scaled lasso on
+masked rows only: ``CDDConfig.masked_lasso``).
 
-Each row reports mAP, rank-1 (and rank-5), params and FLOPs (``cdd_plugin.profile``: MACs,
-batch 1, eval input) of the DEPLOYED model (merged CDD students; every other row with the
-same BatchNorms folded by ``insert_dgc`` + ``merge(threshold=0)`` on a copy: same function,
-counted and timed in the same form) and the median CPU latency at batch 1 and 32
-(``cdd_plugin.profile(..., latency=True)``). Outputs in ``--out`` (default runs/tradeoff/,
-git-ignored): results.json, results.md (table, targets, machine, command, date, notes),
-tradeoff.png (mAP vs FLOPs), cdd_training.png (predicted merged FLOPs every ``log_every``
-iterations and mAP every ``eval_every`` epochs for the CDD rows), run.log and
-logs/<row>.log, cache/ (teacher and per-row results; rows not asked for with ``--rows``
-are taken from there when their settings match).
+The lasso (METHOD.md section 6): the paper's 0.004 covers ~39,350 iterations after the mask start;
+the lasso's travel scales with iterations x LR x lambda, so the scaled value is 0.004 x 39,350 /
+(our iterations after the mask start). ``lasso_grid`` multiplies it; the value used is the one with
+the best validation mAP among those whose merged model removes >= ``min_reduction`` (60%) of the
+heavy student's FLOPs (or, if none does, the one that removes the most). Every candidate's validation
+and test figures are reported.
+
+Each row reports test mAP (with its standard error over queries), rank-1/5, params and FLOPs of the
+DEPLOYED model (merged CDD students; every other row with the same BatchNorms folded) and median CPU
+latency at batch 1 and 32. Differences between rows are paired over the same queries (s.e. given).
 
 Presets
 -------
-``--preset cpu`` (default; aims at <= 90 minutes on this 2-core CPU when nobody else uses it).
-Costs (the lead's unshared measurements on this machine): ResNet-50 fwd+bwd at 256x128,
-batch 16, ~2.4 s/it; ResNet-18 ~0.9 s/it; cost ~linear in pixels x batch; a forward pass
-~1/3 of a training step. My own measurements were taken while other engineers ran tests
-(load average ~6 on 2 cores) and are ~5-10x slower, so they only confirm the ratios:
-ResNet-50 128x64 batch 32 fwd+bwd 14 s/it, its width-24 light version 4-6 s/it (about its
-FLOPs ratio), a KD step ~ a plain step + the teacher's forward. Choices:
+``--preset cpu``: ResNet-50 at 64x32 on 2 CPU cores (measured here: 0.78 s per plain training step at
+batch 32, ~1 s per KD / CDD step, 22 s per test evaluation); 100 study / 25 validation / 400 pretraining
+/ 200 test identities; 416 iterations per row (8 epochs of the study set), 600 for each pretraining
+and for the teacher; lasso grid x(0.25, 1). 64x32 (a quarter of Market-1501's native 128x64) buys a
+budget of ~400 iterations per row within ~2 hours; the ranking, not the absolute mAP, is the result.
+``--preset full``: the paper's settings on a GPU (``--device cuda``): 256x128, all 751 identities for
+training minus the validation ones, full test split, 120 epochs, lasso 0.004, queue 24000.
+``--preset smoke``: two minutes of plumbing (ResNet-26, 16x8 input, a few iterations); numbers mean nothing.
 
-* ResNet-50 teacher and heavy student (the paper's R50 setting; a bottleneck ResNet so that
-  the light student is the same network with a smaller ``width_per_group``);
-* input 128x64, Market-1501's native resolution (256x128 only upsamples): 1/4 of the pixels,
-  ~1.2 s per training iteration at batch 32 (8 identities x 4 images);
-* 100 training identities (1,695 images, 52 iterations per epoch) and 200 test identities
-  (892 queries, 3,383 gallery images; more test than training identities because evaluation
-  noise limits what a 1-mAP target can resolve; the standard error of mAP is reported);
-* 8 epochs = 416 iterations per row. Estimate (printed at start, ``--estimate-only``):
-  teacher 9 min, heavy KD 12, three CDD rows 15 each (with 3 in-training evaluations),
-  light and pruned students 6 each, surgery / merging / pruning search / latency ~3:
-  ~82 minutes.
-
-Training from scratch (no internet, no ImageNet weights) needs two departures that apply to
-EVERY row alike: ``zero_init_residual=True`` (the last BN of each bottleneck starts at 0) and
-base LR 0.02 instead of 0.05. Without them a from-scratch ResNet-50 diverged in the first 16
-iterations of my test (loss 17 -> 140, conv weight norm 203 -> 1,400, and DGC rows grew to
-norm 45, far beyond what the lasso can bring back to 0); with them it trained stably.
-
-``--preset full``: the paper's settings on a GPU (``--device cuda`` is its default; without
-CUDA it stops with an error): full Market-1501 (751 / 750 identities, distractors in the
-gallery), 256x128, ResNet-50 (``--arch resnet101`` for R101), 120 epochs, base LR 0.01,
-cosine, 10 warm-up epochs, masks from epoch 20, lasso 0.004, queue 24000, K=2, ratio 0.5;
-batches of 10 identities x 6 instances (the authors' 6 instances; 10 = FastReID's 64 // 6).
-The paper fine-tunes ImageNet weights; here everything trains from scratch.
-
-``--preset smoke``: about two minutes end to end on an idle machine (ResNet-26 bottleneck
-network, 8 identities, 64x32 input, 1 epoch = 7 iterations per row) to check the plumbing;
-its numbers mean nothing (RGGR cannot compress in 7 iterations, so the baselines are matched
-to ``--flops-target`` instead, which the results say).
-
-Lasso, LR, warm-up, mask start and RGGR ratio (the CPU preset vs the paper)
----------------------------------------------------------------------------
-The schedule is the paper's, compressed: warm-up over the first 10/120 of the iterations
-(35 of 416), masks from 20/120 (iteration 69), cosine decay to 0.
-
-Lasso. A masked DGC row only feels the lasso and, with SGD momentum 0.9, moves by
-~lr x lasso / (1 - 0.9) per iteration. With the paper's lr 0.01 and lasso 0.004 that is
-4e-4: a row of norm ~1 needs ~2,500 full-LR iterations, which the paper's ~26,000 iterations
-provide and 416 do not. The CPU preset uses lasso 0.08 with lr 0.02 (1.6e-2 per full-LR
-iteration): a row masked by 40% of the schedule still has ~72 full-LR-equivalent iterations
-of the cosine left, i.e. can travel a norm of ~1.1, and the rows are smaller than 1 by then
-(the lasso shrinks every row from the start: in my test at lasso 0.1 the median DGC row norm
-fell from 1.0 to 0.45 in the first 38 iterations). lasso x lr x iterations is ~0.65x the
-paper's 0.004 x 0.01 x 25,800, so the total pull of the lasso over training is of the paper's
-order. Once a masked row is within one step of zero the core's proximal snap (``CDDConfig.
-snap_to_zero``, on by default) sets it exactly to zero, so it ends below the merge threshold
-1e-5 instead of oscillating around zero until the LR has decayed.
-
-RGGR ratio 0.9 (paper 0.5). A channel becomes a candidate only if it is among the ``ratio``
-least contributing channels for EVERY (query, neighbour) pair of the batch (64 pairs at
-batch 32). Measured on this task (ResNet-50, 64x32, batch 32, a teacher after 60 iterations,
-the CDD student's first 38 iterations): ratio 0.5 gave 0-17 candidates per iteration out of
-7,616 channels, 0.7 gave 24-114, 0.9 gave 650-1,100. The paper's ~21,000 iterations after the
-mask start accumulate enough candidates at 0.5; the ~140 iterations this schedule can afford
-before the middle of training would not reach the 35% FLOPs target (the demo uses 0.9 for the
-same reason). The masks stay retrieval-guided: a channel among the top 10% contributors of
-any pair is never masked, and among the candidates the core masks the smallest norms first.
-``--ratio 0.5`` runs the paper's value. Checked at this schedule's length on the smoke network
-(``--preset smoke --epochs 60 --mask-start-epoch 10``: 420 iterations, masks from iteration 70):
-RGGR met the 35% target at iteration 72, every masked row was exactly zero by iteration 140,
-and the merged model kept 34.8% of the FLOPs (``state.predicted_flops()`` = profiled).
-
-The norm criterion adds ``norm_step`` channels per iteration, sized so that it meets the
-target at the iteration at which RGGR met it (the same masking window; half of the schedule
-when RGGR is not available). results.md reports, for every CDD row, when the masks met the
-target and how many masked rows actually ended below the threshold.
-
-Determinism: on the CPU a run is a function of ``--seed`` and the thread count (``--threads``).
+Determinism: on the CPU a run is a function of ``--seed``, ``--subset-seed`` and the thread count.
 """
 from __future__ import annotations
 
@@ -147,7 +92,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -159,92 +104,76 @@ import tradeoff_common as tc  # noqa: E402
 
 logger = logging.getLogger("bench_tradeoff")
 
-ROWS = ["teacher", "kd_heavy", "cdd_rggr", "cdd_norm", "cdd_lasso", "light", "tp"]
-LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CDD + RGGR",
-          "cdd_norm": "CDD + norm (ResRep)", "cdd_lasso": "CDD, lasso only + cut", "light": "light student, KD",
-          "tp": "torch-pruning + KD"}
-CRITERION = {"cdd_rggr": "rggr", "cdd_norm": "norm", "cdd_lasso": "none"}
+ROWS = ["teacher", "kd_heavy", "cdd_rggr", "cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
+ABLATIONS = {"abl_feat_after": dict(feat_tap="after"), "abl_no_decay": dict(decay_compactors=False),
+             "abl_no_snap": dict(snap_to_zero=False), "abl_mask_late": dict(mask_start_frac=40 / 120),
+             "abl_ratio_authors": dict(ratio=0.5), "abl_sites_authors": dict(sites="paper"),
+             "abl_sites_all": dict(sites="all"), "abl_live_lasso_paper": dict(lasso=0.004)}
+LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CDD + RGGR (authors' placement)",
+          "cdd_rggr_all": "CDD + RGGR, all sites", "cdd_norm": "CDD + norm (ResRep)",
+          "cdd_lasso": "CDD, lasso only + cut", "tp": "torch-pruning one-shot + KD",
+          "tp_sparse": "torch-pruning sparse training + KD", "light": "light student, KD",
+          "abl_feat_after": "ablation: feature term after the compactor",
+          "abl_no_decay": "ablation: no weight decay on compactors", "abl_no_snap": "ablation: no proximal snap",
+          "abl_mask_late": "ablation: masks from 1/3 of the budget",
+          "abl_ratio_authors": "ablation: the authors' ratio p = 0.5", "abl_sites_authors": "ablation: the authors' placement",
+          "abl_sites_all": "ablation: every channel set (sites='all')",
+          "abl_live_lasso_paper": "ablation: the paper's lasso on live rows, the scaled one on masked rows"}
+COMPRESSING = ["cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "smoke": dict(arch="resnet26", input_size=(64, 32), train_ids=8, test_ids=8, epochs=1, lr=0.02,
-                  warmup_epochs=0.2, p=4, k=4, lasso=0.1, ratio=0.9, mask_start_epoch=0.25, eval_every=1,
-                  log_every=1, latency_batches=(1, 32), latency_runs=(3, 1), norm_done_frac=0.6),
-    "cpu": dict(arch="resnet50", input_size=(128, 64), train_ids=100, test_ids=200, epochs=8, lr=0.02,
-                warmup_epochs=8 * 10 / 120, p=8, k=4, lasso=0.08, ratio=0.9, mask_start_epoch=8 * 20 / 120,
-                eval_every=2, log_every=8, latency_batches=(1, 32), latency_runs=(21, 6), norm_done_frac=0.5),
-    "full": dict(arch="resnet50", input_size=(256, 128), train_ids=0, test_ids=0, epochs=120, lr=0.01,
-                 warmup_epochs=10.0, p=10, k=6, lasso=0.004, ratio=0.5, queue_size=24000, mask_start_epoch=20.0,
-                 eval_every=10, log_every=50, latency_batches=(1, 32), latency_runs=(21, 6), norm_done_frac=0.5,
-                 device="cuda", workers=8),
+    "smoke": dict(arch="resnet26", input_size=(32, 16), train_ids=8, val_ids=4, pretrain_ids=8, test_ids=8,
+                  budget=12, pretrain_iters=6, teacher_iters=6, p=4, k=2, lasso_grid=(1.0,), log_every=2,
+                  latency_runs=(3, 1), eval_every=6),
+    "cpu": dict(),
+    "full": dict(input_size=(256, 128), train_ids=726, val_ids=25, pretrain_ids=0, test_ids=0, budget=120 * 115,
+                 pretrain_iters=0, teacher_iters=120 * 115, p=16, k=6, lasso=0.004, lasso_grid=(1.0,),
+                 queue_size=24000, log_every=100, device="cuda", workers=8),
 }
 
-# ---------------------------------------------------------------------------------------------- costs
 
-# the lead's unshared measurement on this 2-core machine: ResNet-50, 256x128, batch 16, fwd+bwd
-REF_STEP_S, REF_BATCH = 2.4, 16
-CDD_OVERHEAD = 1.10      # bench_speed.py's target for the CDD step vs the KD step
-
-
-def estimate(S: tc.Settings, data: tc.MarketData, heavy_plain: int, ref_fraction: float) -> Dict[str, float]:
-    """Estimated CPU seconds per phase, from the reference per-iteration cost (see docstring)."""
-    r50 = tc.plain_flops(tc.ReIDNet("resnet50", 100), tc.Settings(input_size=(256, 128)))
-    per_mac_img = REF_STEP_S / (REF_BATCH * r50)          # seconds per MAC and image, fwd + bwd
-    B = S.p * S.k
-    its = data.steps_per_epoch * S.epochs
-    step = lambda f: per_mac_img * f * B                   # noqa: E731
-    fwd = lambda f: per_mac_img * f * B / 3.0              # noqa: E731
-    light = heavy_plain * ref_fraction
-    eval_imgs = len(data.query) + len(data.gallery)
-    n_evals = (S.epochs - 1) // max(1, S.eval_every)   # in-loop evaluations (the last epoch: the merged model)
-    ev = lambda f: per_mac_img * f * eval_imgs / 3.0       # noqa: E731
-    out = {
-        "teacher": its * step(heavy_plain) + ev(heavy_plain),
-        "kd_heavy": its * (step(heavy_plain) + fwd(heavy_plain)) + ev(heavy_plain),
-        "cdd_rggr": its * (CDD_OVERHEAD * step(heavy_plain) + fwd(heavy_plain)) + (n_evals + 1) * ev(heavy_plain),
-        "light": its * (step(light) + fwd(heavy_plain)) + ev(light),
-        "tp": its * (step(light) + fwd(heavy_plain)) + ev(light),
-        "fixed (surgery, merge, pruning search, latency)": 180.0 * (S.input_size[0] * S.input_size[1] / (128 * 64)) ** 0.5,
-    }
-    out["cdd_norm"] = out["cdd_lasso"] = out["cdd_rggr"]
-    out["total"] = sum(out.values())
-    out["iterations_per_row"] = its
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- caching
+def default_cache() -> Path:
+    return Path(os.environ.get("CDD_BENCH_CACHE") or Path.home() / ".cache" / "cdd_plugin" / "tradeoff")
 
 
 class Cache:
-    """``OUT/cache/<row>.json`` (key, result, history, per-query APs) and ``<row>.pth`` (weights)."""
+    """``DIR/<key>.json`` (result, history, per-query APs) and ``DIR/<key>.pth`` (weights); the key
+    hashes every setting the entry depends on, so a changed setting never reuses a stale entry."""
 
-    def __init__(self, out: Path, enabled: bool = True):
-        self.dir = out / "cache"
+    def __init__(self, root: Path, enabled: bool = True):
+        self.dir = root
         self.dir.mkdir(parents=True, exist_ok=True)
         self.enabled = enabled
 
-    def load(self, row: str, key: str) -> Optional[dict]:
-        path = self.dir / f"{row}.json"
+    def load(self, name: str, key: str) -> Optional[dict]:
+        path = self.dir / f"{name}-{key}.json"
         if not self.enabled or not path.is_file():
             return None
         try:
-            rec = json.loads(path.read_text())
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        return rec if rec.get("key") == key else None
 
-    def save(self, row: str, rec: dict) -> None:
-        tmp = self.dir / f".{row}.json.tmp"
+    def save(self, name: str, key: str, rec: dict) -> None:
+        tmp = self.dir / f".{name}-{key}.json.tmp"
         tmp.write_text(json.dumps(rec, indent=1, default=_json_default))
-        os.replace(tmp, self.dir / f"{row}.json")
+        os.replace(tmp, self.dir / f"{name}-{key}.json")
 
-    def weights(self, row: str) -> Path:
-        return self.dir / f"{row}.pth"
+    def weights(self, name: str, key: str) -> Path:
+        return self.dir / f"{name}-{key}.pth"
+
+    def save_weights(self, name: str, key: str, model: torch.nn.Module) -> Path:
+        path = self.weights(name, key)
+        tmp = path.with_name("." + path.name + ".tmp")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+        return path
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
+    if isinstance(o, np.integer):
         return int(o)
-    if isinstance(o, (np.floating,)):
+    if isinstance(o, np.floating):
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
@@ -253,600 +182,528 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-# ---------------------------------------------------------------------------------------------- runner
+def paired(a: List[float], b: List[float]) -> Tuple[float, float]:
+    """Mean difference (in mAP points) of per-query APs a - b and its standard error."""
+    d = 100.0 * (np.asarray(a) - np.asarray(b))
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 class Runner:
-    def __init__(self, S: tc.Settings, out: Path, progress: str, use_cache: bool):
+    def __init__(self, S: tc.Settings, out: Path, cache: Path, progress: str, use_cache: bool):
         self.S, self.out, self.progress = S, out, progress
-        self.cache = Cache(out, use_cache)
+        self.cache = Cache(cache, use_cache)
         self.dev = torch.device(S.device)
-        self.data = tc.MarketData(S)
-        self.classes = self.data.num_classes
+        self.data = tc.StudyData(S)
+        self.classes = self.data.num_classes["study"]
         self.results: Dict[str, dict] = {}
-        self.histories: Dict[str, list] = {}
         self.per_query: Dict[str, list] = {}
-        self.teacher: Optional[torch.nn.Module] = None
-        self.kd_heavy: Optional[torch.nn.Module] = None
+        self.histories: Dict[str, list] = {}
+        self.selection: List[dict] = []
         self.notes: List[str] = []
+        self._teacher: Optional[torch.nn.Module] = None
         heavy = tc.ReIDNet(S.arch, self.classes)
-        self.heavy_plain = tc.plain_flops(heavy, S)
-        self.heavy_deployed = int(cdd_plugin.profile(tc.deploy(heavy, S), tc.example_input(S, 1))["flops"])
-        self.feature_sites: List[str] = []
-        self._row_handler: Optional[logging.Handler] = None
+        self.heavy_flops = int(cdd_plugin.profile(tc.deploy(heavy, S), tc.example_input(S, 1))["flops"])
+        st = cdd_plugin.insert_dgc(tc.ReIDNet(S.arch, self.classes), tc.example_input(S), cdd_plugin.CDDConfig(
+            sites=S.sites))
+        self.feature_sites = [s.tap[0] for s in st.sites]
+        self._handlers: List[logging.Handler] = []
+        self.lasso0, self.lasso_note = S.scaled_lasso()
 
-    # -- keys ------------------------------------------------------------------------------------
-    def key(self, row: str, extra: Optional[dict] = None) -> str:
-        S = self.S
-        fields = {"teacher": S.TRAIN_FIELDS, "kd_heavy": S.STUDENT_FIELDS, "light": S.STUDENT_FIELDS,
-                  "tp": S.STUDENT_FIELDS + ("tp_global",)}.get(row, S.CDD_FIELDS)
-        e = {"row": row, **(extra or {})}
-        if row != "teacher":
-            e["teacher"] = self.key("teacher")
-        return S.key(*fields, extra=e)
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def key(self, name: str, fields, **extra) -> str:
+        # the feature term of the non-CDD students reads the CDD rows' tap points: with another placement
+        # (--sites all) they optimise another loss (keys of the authors' placement are unchanged)
+        if "feat_weight" in fields and "sites" not in fields and self.S.sites != "paper":
+            extra = {"feature_sites": self.S.sites, **extra}
+        return self.S.key(*fields, extra={"name": name, **extra})
 
-    def ref_flops(self) -> tuple:
-        """(FLOPs every baseline is matched to, where it comes from)."""
-        r = self.results.get("cdd_rggr")
-        if r is not None and r["flops"] < 0.98 * self.heavy_deployed:
-            return int(r["flops"]), "cdd_rggr merged model"
-        why = "cdd_rggr not run or cached" if r is None else "cdd_rggr compressed nothing"
-        return int(self.S.flops_target * self.heavy_deployed), f"--flops-target x heavy student ({why})"
-
-    # -- logging per row ---------------------------------------------------------------------------
-    def _begin(self, row: str) -> float:
-        (self.out / "logs").mkdir(exist_ok=True)
-        h = logging.FileHandler(self.out / "logs" / f"{row}.log", mode="w", encoding="utf-8")
+    def _begin(self, name: str) -> float:
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(self.out / "logs" / f"{name}.log", mode="w", encoding="utf-8")
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        for name in ("bench_tradeoff", "cdd_plugin"):
-            logging.getLogger(name).addHandler(h)
-        self._row_handler = h
-        logger.info("==== %s (%s) ====", row, LABELS[row])
+        for lg in ("bench_tradeoff", "cdd_plugin"):
+            logging.getLogger(lg).addHandler(h)
+        self._handlers.append(h)
+        logger.info("==== %s (%s) ====", name, LABELS.get(name, name))
         return time.perf_counter()
 
     def _end(self) -> None:
-        h = self._row_handler
-        if h is not None:
-            for name in ("bench_tradeoff", "cdd_plugin"):
-                logging.getLogger(name).removeHandler(h)
+        if self._handlers:
+            h = self._handlers.pop()
+            for lg in ("bench_tradeoff", "cdd_plugin"):
+                logging.getLogger(lg).removeHandler(h)
             h.close()
-        self._row_handler = None
 
     def _seed(self, offset: int) -> None:
-        s = self.S.seed + offset
+        s = self.S.seed * 1000 + offset
         torch.manual_seed(s)
         np.random.seed(s % (2 ** 32))
         random.seed(s)
 
-    # -- finishing a row ---------------------------------------------------------------------------
-    def _finish(self, row: str, deployed: torch.nn.Module, t0: float, key: str, extra: dict,
-                history: Optional[list] = None) -> dict:
-        deployed = deployed.to(self.dev).eval()
-        metrics, ap = self._evaluate(deployed)
-        prof = tc.measure(copy.deepcopy(deployed), self.S)
-        res = {"row": row, "label": LABELS[row], **metrics, **prof, "wall_s": round(time.perf_counter() - t0, 1),
-               "iterations": self.data.steps_per_epoch * self.S.epochs, **extra}
-        self.results[row] = res
-        self.per_query[row] = ap
+    def _evaluate_both(self, model: torch.nn.Module) -> dict:
+        model = model.to(self.dev).eval()
+        val = self.data.evaluate(model, "val")
+        test, ap = self.data.evaluate(model, "test", per_query=True)
+        return {"val": val, "test": test, "ap": ap}
+
+    def _record(self, name: str, deployed: torch.nn.Module, t0: float, key: str, extra: dict,
+                history: Optional[list] = None, measure: bool = True) -> dict:
+        ev = self._evaluate_both(deployed)
+        prof = tc.measure(copy.deepcopy(deployed), self.S) if measure else {
+            "params": int(cdd_plugin.profile(deployed.cpu(), tc.example_input(self.S, 1))["params"]),
+            "flops": int(cdd_plugin.profile(deployed.cpu(), tc.example_input(self.S, 1))["flops"]), "latency_ms": {}}
+        res = {"row": name, "label": LABELS.get(name, name), **ev["test"],
+               "val_mAP": ev["val"]["mAP"], "val_rank1": ev["val"]["rank1"], **prof,
+               "flops_vs_heavy": prof["flops"] / self.heavy_flops, "wall_s": round(time.perf_counter() - t0, 1),
+               **extra}
         if history is not None:
-            history.append({"kind": "eval", "iteration": res["iterations"], "epoch": self.S.epochs, "mAP": res["mAP"],
-                            "rank1": res["rank1"], "merged": True, "flops_merged": res["flops"],
-                            "flops_planned": res.get("flops_planned", res["flops"]),
-                            "flops_dense": self.heavy_deployed})
-            self.histories[row] = history
-        self.cache.save(row, {"key": key, "result": res, "history": history or [], "per_query_ap": ap})
+            history.append({"kind": "eval", "iteration": self.S.budget, "mAP": ev["val"]["mAP"],
+                            "rank1": ev["val"]["rank1"], "merged": True, "flops_merged": prof["flops"],
+                            "flops_planned": prof["flops"], "flops_dense": self.heavy_flops})
+        self.cache.save(name, key, {"result": res, "history": history or [], "per_query_ap": ev["ap"]})
         lat = ", ".join(f"b{b} {v:.1f} ms" for b, v in prof["latency_ms"].items())
-        logger.info("%s: mAP %.2f  rank-1 %.2f  params %.2fM  FLOPs %.3fG (%.1f%% of the heavy student)  latency %s"
-                    "  [%.0f s]", row, res["mAP"], res["rank1"], prof["params"] / 1e6, prof["flops"] / 1e9,
-                    100 * prof["flops"] / self.heavy_deployed, lat, res["wall_s"])
-        return res
+        logger.info("%s: test mAP %.2f (s.e. %.2f)  rank-1 %.2f  validation mAP %.2f  params %.2fM  FLOPs %.1fM "
+                    "(%.1f%% of the heavy student)  %s  [%.0f s]", name, res["mAP"], res["mAP_se"], res["rank1"],
+                    res["val_mAP"], prof["params"] / 1e6, prof["flops"] / 1e6, 100 * res["flops_vs_heavy"], lat,
+                    res["wall_s"])
+        return {"result": res, "history": history or [], "per_query_ap": ev["ap"]}
 
-    def _evaluate(self, model) -> tuple:
-        return self.data.evaluate(model, per_query=True)
-
-    def _from_cache(self, row: str, key: str) -> bool:
-        rec = self.cache.load(row, key)
-        if rec is None:
-            return False
-        self.results[row] = rec["result"]
-        self.per_query[row] = rec.get("per_query_ap", [])
+    def _use(self, name: str, rec: dict) -> None:
+        self.results[name] = rec["result"]
+        self.per_query[name] = rec["per_query_ap"]
         if rec.get("history"):
-            self.histories[row] = rec["history"]
-        logger.info("%s: taken from the cache (same settings): mAP %.2f, FLOPs %.3fG", row, rec["result"]["mAP"],
-                    rec["result"]["flops"] / 1e9)
-        return True
+            self.histories[name] = rec["history"]
 
-    # -- rows -------------------------------------------------------------------------------------
-    def get_teacher(self) -> torch.nn.Module:
-        if self.teacher is not None:
-            return self.teacher
-        key = self.key("teacher")
-        path = self.cache.weights("teacher")
-        rec = self.cache.load("teacher", key)
-        model = tc.ReIDNet(self.S.arch, self.classes)
+    # -- stages ------------------------------------------------------------------------------------
+    def pretrained(self, width: int = 64) -> Dict[str, torch.Tensor]:
+        """The pretraining stage's weights of the heavy (width 64) or light architecture (cached)."""
+        S = self.S
+        name = "pretrain" if width == 64 else f"pretrain_w{width}"
+        key = self.key(name, S.PRETRAIN_FIELDS, width=width)
+        path = self.cache.weights(name, key)
+        if self.cache.enabled and path.is_file():
+            logger.info("%s: pretrained weights from the cache (%s)", name, path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        model = tc.ReIDNet(S.arch, self.data.num_classes["pretrain"], width).to(self.dev)
+        if S.pretrain_iters <= 0:
+            return {k: v.cpu() for k, v in model.state_dict().items()}
+        t0 = self._begin(name)
+        try:
+            self._seed(10 + width)
+            model = tc.ReIDNet(S.arch, self.data.num_classes["pretrain"], width).to(self.dev)
+            tc.train(name, model, self.data, S, which="pretrain", total=S.pretrain_iters, base_lr=S.pretrain_lr,
+                     progress=self.progress)
+            self.cache.save_weights(name, key, model)
+            logger.info("%s: %d iterations on %d identities in %.0f s", name, S.pretrain_iters,
+                        self.data.num_classes["pretrain"], time.perf_counter() - t0)
+        finally:
+            self._end()
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def student(self, width: int = 64) -> torch.nn.Module:
+        """A study network from the pretraining stage's weights, with a fresh classifier for the study's ids."""
+        sd = {k: v for k, v in self.pretrained(width).items() if not k.startswith("classifier.")}
+        self._seed(1)
+        m = tc.ReIDNet(self.S.arch, self.classes, width)
+        missing, unexpected = m.load_state_dict(sd, strict=False)
+        assert not unexpected and all(k.startswith("classifier.") for k in missing), (missing, unexpected)
+        return m.to(self.dev)
+
+    def teacher(self) -> torch.nn.Module:
+        if self._teacher is not None:
+            return self._teacher
+        S = self.S
+        key = self.key("teacher", S.TRAIN_FIELDS)
+        rec, path = self.cache.load("teacher", key), self.cache.weights("teacher", key)
+        model = tc.ReIDNet(S.arch, self.classes)
         if rec is not None and path.is_file():
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            self.results["teacher"] = rec["result"]
-            self.per_query["teacher"] = rec.get("per_query_ap", [])
-            logger.info("teacher: loaded from %s (same settings, key %s): mAP %.2f", path, key, rec["result"]["mAP"])
+            logger.info("teacher: from the cache (%s), test mAP %.2f", path, rec["result"]["mAP"])
         else:
             t0 = self._begin("teacher")
             try:
-                self._seed(0)
-                model = tc.ReIDNet(self.S.arch, self.classes).to(self.dev)
-                tc.train("teacher", model, self.data, self.S, progress=self.progress)
-                tmp = path.with_suffix(".tmp")
-                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-                os.replace(tmp, path)
-                self._finish("teacher", tc.deploy(model, self.S), t0, key, {"weights": str(path)})
+                model = self.student()
+                tc.train("teacher", model, self.data, S, total=S.teacher_iters, progress=self.progress)
+                self.cache.save_weights("teacher", key, model)
+                rec = self._record("teacher", tc.deploy(model, S), t0, key, {"iterations": S.teacher_iters},
+                                   measure=False)
             finally:
                 self._end()
-        self.teacher = model.to(self.dev).eval()
-        for p in self.teacher.parameters():
+        self._use("teacher", rec)
+        self._teacher = model.to(self.dev).eval()
+        for p in self._teacher.parameters():
             p.requires_grad_(False)
-        return self.teacher
+        return self._teacher
 
-    def run_kd_heavy(self, force: bool) -> None:
-        key = self.key("kd_heavy")
-        path = self.cache.weights("kd_heavy")
-        if not force and self._from_cache("kd_heavy", key) and path.is_file():
-            return
-        teacher = self.get_teacher()
-        t0 = self._begin("kd_heavy")
-        try:
-            self._seed(1)
-            model = tc.ReIDNet(self.S.arch, self.classes).to(self.dev)
-            tc.train("kd_heavy", model, self.data, self.S, teacher=teacher, feature_sites=self._sites(),
-                     progress=self.progress)
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-            self.kd_heavy = model
-            self._finish("kd_heavy", tc.deploy(model, self.S), t0, key, {"weights": str(path)})
-        finally:
-            self._end()
-
-    def _sites(self) -> List[str]:
-        if not self.feature_sites:
-            st = cdd_plugin.insert_dgc(tc.ReIDNet(self.S.arch, self.classes), tc.example_input(self.S),
-                                       cdd_plugin.CDDConfig())
-            self.feature_sites = [s.tap[0] for s in st.sites]
-        return self.feature_sites
-
-    def get_kd_heavy(self) -> torch.nn.Module:
-        if self.kd_heavy is None:
-            path = self.cache.weights("kd_heavy")
-            if self.cache.load("kd_heavy", self.key("kd_heavy")) is None or not path.is_file():
-                self.run_kd_heavy(force=True)
-            else:
-                m = tc.ReIDNet(self.S.arch, self.classes)
-                m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                self.kd_heavy = m.to(self.dev)
-        return self.kd_heavy
-
-    def _cdd_config(self, row: str, target: float) -> cdd_plugin.CDDConfig:
+    def kd_heavy(self) -> None:
         S = self.S
-        steps = self.data.steps_per_epoch
+        key = self.key("kd_heavy", S.STUDENT_FIELDS, teacher=self.key("teacher", S.TRAIN_FIELDS))
+        rec = self.cache.load("kd_heavy", key)
+        if rec is None or not self.cache.weights("kd_heavy_at_mask_start", key).is_file():
+            teacher = self.teacher()
+            t0 = self._begin("kd_heavy")
+            try:
+                model = self.student()
+                opt = tc.optimizer_for(model, S, S.lr)
+                tc.train("kd_heavy", model, self.data, S, stop=S.mask_start, teacher=teacher, optimizer=opt,
+                         feature_sites=self.feature_sites, progress=self.progress)
+                self.cache.save_weights("kd_heavy_at_mask_start", key, model)
+                tc.train("kd_heavy", model, self.data, S, start=S.mask_start, teacher=teacher, optimizer=opt,
+                         feature_sites=self.feature_sites, progress=self.progress)
+                rec = self._record("kd_heavy", tc.deploy(model, S), t0, key, {"iterations": S.budget})
+            finally:
+                self._end()
+        self._use("kd_heavy", rec)
+        self._kd_key = key
+
+    def _cdd_cfg(self, lasso: float, criterion: str = "rggr", flops_target: Optional[float] = None,
+                 **over) -> cdd_plugin.CDDConfig:
+        S = self.S
+        steps = self.data.steps_per_epoch()
         queue = S.queue_size or min(24000, 2 * steps * S.p * S.k)
-        return cdd_plugin.CDDConfig(lasso=S.lasso, threshold=S.threshold, criterion=CRITERION[row], k=S.rggr_k,
-                                    ratio=S.ratio, queue_size=int(queue), metric=S.metric,
-                                    mask_start=int(round(S.mask_start_epoch * steps)), mask_interval=S.mask_interval,
-                                    flops_target=None if row == "cdd_lasso" else float(target))
+        kw = dict(lasso=lasso, threshold=S.threshold, criterion=criterion, k=S.rggr_k, ratio=S.ratio,
+                  queue_size=int(queue), metric=S.metric, mask_start=S.mask_start, mask_interval=S.mask_interval,
+                  flops_target=flops_target, sites=S.sites, decay_compactors=S.decay_compactors,
+                  snap_to_zero=S.snap_to_zero)
+        mask_frac = over.pop("mask_start_frac", None)
+        if mask_frac is not None:
+            kw["mask_start"] = int(round(mask_frac * S.budget))
+        kw.update(over)
+        return cdd_plugin.CDDConfig(**kw)
 
-    def norm_window(self) -> tuple:
-        """(last iteration by which the norm criterion should meet the target, where it comes from):
-        the iteration at which cdd_rggr's masks met the target, so both criteria mask over the same
-        window; ``norm_done_frac`` of the schedule when cdd_rggr is not available or never met it."""
-        r = self.results.get("cdd_rggr")
-        if r is not None and r.get("mask_done_iteration"):
-            return int(r["mask_done_iteration"]), "the iteration at which cdd_rggr's masks met the target"
-        total = self.data.steps_per_epoch * self.S.epochs
-        return int(self.S.norm_done_frac * total), f"{self.S.norm_done_frac:g} of the schedule"
-
-    def _norm_step(self, state, target_flops: float, mask_start: int) -> tuple:
-        """Channels per refresh for the norm criterion: the uniform cut that meets the target,
-        spread over the refreshes between mask start and ``norm_window()``."""
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            f = 0.5 * (lo + hi)
-            kept = {s.name: max(1, int(math.ceil((1 - f) * s.channels))) for s in state.sites}
-            if state.predicted_flops(kept) <= target_flops:
-                hi = f
-            else:
-                lo = f
-        need = sum(s.channels - max(1, int(math.ceil((1 - hi) * s.channels))) for s in state.sites)
-        done, _ = self.norm_window()
-        window = max(1, (done - mask_start) // self.S.mask_interval)
-        return max(1, math.ceil(need / window)), need, window
-
-    def _extra_key(self, row: str) -> dict:
-        """What a row's result depends on besides the settings (the cdd_rggr result it is matched to)."""
-        if row == "cdd_rggr":
-            return {}
-        ref, _ = self.ref_flops()
-        extra = {"ref_flops": ref}
-        if row == "cdd_norm":
-            extra["norm_window"] = self.norm_window()[0]
-        if row == "tp":
-            extra["kd_heavy"] = self.key("kd_heavy")
-        return extra
-
-    def run_cdd(self, row: str, force: bool) -> None:
-        S = self.S
-        ref, ref_src = self.ref_flops()
-        target = S.flops_target if row == "cdd_rggr" else ref / self.heavy_deployed
-        key = self.key(row, self._extra_key(row))
-        if not force and self._from_cache(row, key):
-            return
-        teacher = self.get_teacher()
-        t0 = self._begin(row)
+    def run_cdd(self, name: str, cfg: cdd_plugin.CDDConfig, *, settings: Optional[tc.Settings] = None,
+                end_cut: Optional[float] = None, key_extra: Optional[dict] = None) -> dict:
+        """Train one CDD student from the heavy pretraining with ``cfg``, merge, evaluate (cached)."""
+        S = settings or self.S
+        key = self.key(name, S.CDD_FIELDS, teacher=self.key("teacher", self.S.TRAIN_FIELDS), cfg=cfg.to_dict(),
+                       end_cut=end_cut, **(key_extra or {}))
+        rec = self.cache.load(name, key)
+        if rec is not None:
+            logger.info("%s: from the cache: test mAP %.2f, validation mAP %.2f, FLOPs %.1f%%", name,
+                        rec["result"]["mAP"], rec["result"]["val_mAP"], 100 * rec["result"]["flops_vs_heavy"])
+            return rec
+        teacher = self.teacher()
+        t0 = self._begin(name)
         try:
-            self._seed(1)
-            student = tc.ReIDNet(S.arch, self.classes).to(self.dev)
-            cfg = self._cdd_config(row, target)
+            student = self.student()
             state = cdd_plugin.insert_dgc(student, tc.example_input(S, 2, S.device), cfg)
-            extra: Dict[str, Any] = {"criterion": cfg.criterion, "cdd_config": cfg.to_dict(),
-                                     "dgc_sites": len(state.sites),
-                                     "prunable_channels": sum(s.channels for s in state.sites)}
-            if row == "cdd_norm":
-                step, need, window = self._norm_step(state, ref, cfg.mask_start)
-                cfg.norm_step = step
-                extra.update(norm_step=step, norm_channels_needed=need, norm_refreshes=window,
-                             norm_window_from=self.norm_window()[1])
-                logger.info("norm criterion: ~%d channels to mask for the target, %d refreshes (until %s) -> "
-                            "norm_step %d", need, window, self.norm_window()[1], step)
-            if row != "cdd_rggr":
-                extra.update(matched_to=ref_src, matched_flops=ref)
             logger.info("%s", state.report())
             logger.info("CDD config: %s", json.dumps(cfg.to_dict()))
-            evaluate = lambda m: self.data.evaluate(m)  # noqa: E731
-            hist = tc.train(row, student, self.data, S, teacher=teacher, state=state, progress=self.progress,
-                            evaluate=evaluate)
+            hist = tc.train(name, student, self.data, S, teacher=teacher, state=state, progress=self.progress,
+                            evaluate=lambda m: self.data.evaluate(m, "val"))
             summ = state.summary()
             stats = tc.masked_row_stats(state)
-            extra.update(channels_total=summ["channels_total"], channels_masked=summ["channels_total"] -
-                         summ["channels_active"], flops_planned=summ["flops_planned"],
-                         flops_predicted_before_cut=summ["flops_merged"], masked_rows=stats)
-            if cfg.flops_target is not None:
-                extra["mask_done_iteration"] = tc.mask_done_iteration(hist, cfg.flops_target)
-                logger.info("%s: masks met the FLOPs target at iteration %s of %d", row,
-                            extra["mask_done_iteration"], self.data.steps_per_epoch * S.epochs)
-            logger.info("%s: masked rows %d, of which %d below the threshold %.0e (largest masked norm %.2e); "
-                        "unmasked rows below the threshold %d", row, stats["masked"], stats["masked_below_threshold"],
-                        S.threshold, stats["masked_max_norm"], stats["unmasked_below_threshold"])
-            if row == "cdd_lasso":
-                cut = tc.cut_to_flops(state, ref)
-                extra["end_cut"] = cut
-                logger.info("lasso only: cut %d rows (largest norm %.3e) to reach %.3fG FLOPs", cut["rows_cut"],
-                            cut["largest_cut_norm"], ref / 1e9)
+            extra: Dict[str, Any] = {"criterion": cfg.criterion, "cdd_config": cfg.to_dict(),
+                                     "dgc_sites": len(state.sites), "channels_total": summ["channels_total"],
+                                     "channels_masked": summ["channels_total"] - summ["channels_active"],
+                                     "channels_kept": summ["channels_kept"], "masked_rows": stats,
+                                     "flops_planned": summ["flops_planned"], "iterations": S.budget}
+            logger.info("%s: masked %d/%d channels (%d below the threshold), %d unmasked rows below the threshold; "
+                        "merged FLOPs now %.1f%%", name, stats["masked"], summ["channels_total"],
+                        stats["masked_below_threshold"], stats["unmasked_below_threshold"],
+                        100 * summ["flops_ratio"])
+            if end_cut is not None:
+                extra["end_cut"] = tc.cut_to_flops(state, end_cut)
             predicted = state.predicted_flops()
             merged = cdd_plugin.merge(student)
             extra["flops_predicted"] = int(predicted)
-            if row == "cdd_rggr":
-                cdd_plugin.save_merged(merged.cpu(), str(self.cache.weights(row)),
-                                       meta={"arch": S.arch, "classes": self.classes, "input": list(S.input_size)})
-            res = self._finish(row, merged, t0, key, extra, hist)
-            if res["flops"] != predicted:
-                msg = (f"{row}: state.predicted_flops() = {predicted} but profile(merge(model)) = {res['flops']}; "
-                       "report this to the core")
-                logger.warning(msg)
-                self.notes.append(msg)
+            path = self.cache.weights(name + "_merged", key)
+            cdd_plugin.save_merged(merged.cpu(), str(path),
+                                   meta={"arch": S.arch, "classes": self.classes, "input": list(S.input_size)})
+            extra["merged_path"] = str(path)
+            rec = self._record(name, merged, t0, key, extra, hist)
+            if rec["result"]["flops"] != predicted:
+                logger.warning("%s: state.predicted_flops() = %d but profile(merge(model)) = %d", name, predicted,
+                               rec["result"]["flops"])
         finally:
             self._end()
+        return rec
 
-    def run_light(self, force: bool) -> None:
+    def cdd_rggr(self) -> None:
+        """The lasso chosen on the validation split (module docstring), then the cdd_rggr row."""
         S = self.S
-        ref, ref_src = self.ref_flops()
-        target_plain = ref * self.heavy_plain / self.heavy_deployed
-        key = self.key("light", self._extra_key("light"))
-        if not force and self._from_cache("light", key):
-            return
-        teacher = self.get_teacher()
-        t0 = self._begin("light")
-        try:
-            width, _ = tc.light_width(S, self.classes, target_plain)
-            logger.info("light student: width_per_group %d (target %.3fG plain FLOPs, from %s)", width,
-                        target_plain / 1e9, ref_src)
-            self._seed(1)
-            model = tc.ReIDNet(S.arch, self.classes, width).to(self.dev)
-            tc.train("light", model, self.data, S, teacher=teacher, feature_sites=self._sites(),
-                     progress=self.progress)
-            self._finish("light", tc.deploy(model, S), t0, key,
-                         {"width_per_group": width, "matched_to": ref_src, "matched_flops": ref})
-        finally:
-            self._end()
+        cands = []
+        target = S.flops_target or None
+        for mult in S.lasso_grid:
+            lam = self.lasso0 * mult
+            rec = self.run_cdd(f"cdd_rggr_lasso{lam:.4g}", self._cdd_cfg(lam, flops_target=target))
+            r = rec["result"]
+            cands.append({"lasso": lam, "multiplier": mult, "val_mAP": r["val_mAP"], "test_mAP": r["mAP"],
+                          "reduction": 1 - r["flops_vs_heavy"], "rec": rec})
+        ok = [c for c in cands if c["reduction"] >= S.min_reduction]
+        best = max(ok, key=lambda c: c["val_mAP"]) if ok else max(cands, key=lambda c: c["reduction"])
+        why = (f"best validation mAP among the lassos removing >= {100 * S.min_reduction:.0f}% of the FLOPs" if ok
+               else f"no lasso removed {100 * S.min_reduction:.0f}% of the FLOPs: the one that removed the most")
+        for c in cands:
+            self.selection.append({k: v for k, v in c.items() if k != "rec"} | {"chosen": c is best})
+        logger.info("lasso chosen on the validation split: %.4g (%s); candidates: %s", best["lasso"], why,
+                    ", ".join(f"{c['lasso']:.4g}: val mAP {c['val_mAP']:.2f}, -{100 * c['reduction']:.1f}% FLOPs"
+                              for c in cands))
+        self.lasso = best["lasso"]
+        self.lasso_why = why
+        rec = copy.deepcopy(best["rec"])
+        placement = "authors' placement" if S.sites == "paper" else "all sites"
+        LABELS["cdd_rggr"] = f"CDD + RGGR ({placement}" + (f", masks to {100 * S.flops_target:.0f}% FLOPs)"
+                                                           if S.flops_target else ")")
+        rec["result"].update(row="cdd_rggr", label=LABELS["cdd_rggr"], lasso_choice=why)
+        self._use("cdd_rggr", rec)
 
-    def run_tp(self, force: bool) -> None:
+    def ref(self) -> Tuple[int, str]:
+        r = self.results.get("cdd_rggr")
+        if r is not None and r["flops"] < 0.98 * self.heavy_flops:
+            return int(r["flops"]), "CDD + RGGR's merged model"
+        return int(0.35 * self.heavy_flops), "35% of the heavy student (CDD + RGGR compressed nothing)"
+
+    def compressing_row(self, row: str) -> None:
         S = self.S
-        ref, ref_src = self.ref_flops()
-        target_plain = ref * self.heavy_plain / self.heavy_deployed
-        key = self.key("tp", self._extra_key("tp"))
-        if not force and self._from_cache("tp", key):
-            return
-        teacher = self.get_teacher()
-        heavy = self.get_kd_heavy()
+        ref, src = self.ref()
+        frac = ref / self.heavy_flops
+        lam = getattr(self, "lasso", self.lasso0)
+        if row == "cdd_rggr_all":
+            if S.sites == "all":
+                logger.info("cdd_rggr_all: the main row already compacts every set (--sites all); skipped")
+                return
+            rec = self.run_cdd(row, self._cdd_cfg(lam, flops_target=frac, sites="all"))
+        elif row == "cdd_norm":
+            cfg = self._cdd_cfg(lam, "norm", flops_target=frac)
+            cfg.norm_step = self._norm_step(cfg, ref)
+            rec = self.run_cdd(row, cfg)
+        elif row == "cdd_lasso":
+            rec = self.run_cdd(row, self._cdd_cfg(lam, "none"), end_cut=ref)
+        elif row in ABLATIONS:
+            over = dict(ABLATIONS[row])
+            if row == "abl_live_lasso_paper":  # only masked rows get the schedule-scaled pull
+                over["masked_lasso"] = lam
+            S2 = copy.deepcopy(S)
+            if "feat_tap" in over:
+                S2.feat_tap = over.pop("feat_tap")
+            rec = self.run_cdd(row, self._cdd_cfg(lam, flops_target=S.flops_target or None, **over), settings=S2)
+        elif row == "tp":
+            rec = self.tp(ref)
+        elif row == "tp_sparse":
+            rec = self.tp_sparse(ref)
+        elif row == "light":
+            rec = self.light(ref)
+        else:
+            raise ValueError(row)
+        rec = copy.deepcopy(rec)
+        rec["result"].update(row=row, label=LABELS[row])
+        if row not in ABLATIONS:
+            rec["result"]["matched_to"] = src
+        self._use(row, rec)
+
+    def _norm_step(self, cfg: cdd_plugin.CDDConfig, ref: int) -> int:
+        """Channels per refresh so that ResRep's rule reaches ``ref`` by the middle of the budget."""
+        st = cdd_plugin.insert_dgc(tc.ReIDNet(self.S.arch, self.classes), tc.example_input(self.S), cfg)
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            f = 0.5 * (lo + hi)
+            kept = {s.name: max(1, int(math.ceil((1 - f) * s.channels))) for s in st.sites}
+            if st.predicted_flops(kept) <= ref:
+                hi = f
+            else:
+                lo = f
+        need = sum(s.channels - max(1, int(math.ceil((1 - hi) * s.channels))) for s in st.sites)
+        window = max(1, (self.S.budget // 2 - cfg.mask_start) // cfg.mask_interval)
+        return max(1, math.ceil(need / window))
+
+    def _finetune(self, name: str, model, start: int, key: str, t0: float, extra: dict) -> dict:
+        tc.train(name, model, self.data, self.S, start=start, teacher=self.teacher(),
+                 feature_sites=self.feature_sites, progress=self.progress)
+        return self._record(name, tc.deploy(model, self.S), t0, key, extra)
+
+    def tp(self, ref: int) -> dict:
+        S = self.S
+        key = self.key("tp", S.STUDENT_FIELDS + ("tp_global",), kd=self._kd_key, ref=ref)
+        rec = self.cache.load("tp", key)
+        if rec is not None:
+            return rec
         t0 = self._begin("tp")
         try:
-            pruned, info = tc.tp_prune(heavy, S, target_plain)
-            pruned = pruned.to(self.dev)
-            logger.info("torch-pruning: %s; plain FLOPs %.3fG (target %.3fG, from %s)", json.dumps(info),
-                        tc.plain_flops(pruned, S) / 1e9, target_plain / 1e9, ref_src)
-            m0, _ = self._evaluate(tc.deploy(pruned, S).to(self.dev))
-            info["mAP_after_pruning_before_finetune"] = m0["mAP"]
-            logger.info("tp: mAP right after pruning (before fine-tuning) %.2f", m0["mAP"])
-            tc.train("tp", pruned, self.data, S, teacher=teacher, feature_sites=self._sites(),
+            model = tc.ReIDNet(S.arch, self.classes)
+            model.load_state_dict(torch.load(self.cache.weights("kd_heavy_at_mask_start", self._kd_key),
+                                             map_location="cpu", weights_only=True))
+            pruned, info = tc.tp_prune(model, S, ref)
+            logger.info("tp: pruned at iteration %d with ratio %.4f", S.mask_start, info["pruning_ratio"])
+            return self._finetune("tp", pruned.to(self.dev), S.mask_start, key, t0,
+                                  {**info, "pruned_at": S.mask_start, "iterations": S.budget})
+        finally:
+            self._end()
+
+    def tp_sparse(self, ref: int) -> dict:
+        import torch_pruning as tp
+
+        S = self.S
+        key = self.key("tp_sparse", S.STUDENT_FIELDS + ("tp_global", "tp_reg", "tp_sparse_frac"),
+                       teacher=self.key("teacher", S.TRAIN_FIELDS), ref=ref)
+        rec = self.cache.load("tp_sparse", key)
+        if rec is not None:
+            return rec
+        teacher = self.teacher()
+        t0 = self._begin("tp_sparse")
+        try:
+            model = self.student()
+            sparse = tc.SparseTrainer(model, S)
+            at = int(round(S.tp_sparse_frac * S.budget))
+            tc.train("tp_sparse", model, self.data, S, stop=at, teacher=teacher, after_backward=sparse.regularize,
+                     feature_sites=self.feature_sites, progress=self.progress)
+            pruned, info = tc.tp_prune(model, S, ref, importance=tp.importance.GroupMagnitudeImportance(p=2))
+            logger.info("tp_sparse: sparse training until iteration %d (reg %g), pruned with ratio %.4f", at,
+                        S.tp_reg, info["pruning_ratio"])
+            return self._finetune("tp_sparse", pruned.to(self.dev), at, key, t0,
+                                  {**info, "sparse_until": at, "reg": S.tp_reg, "iterations": S.budget})
+        finally:
+            self._end()
+
+    def light(self, ref: int) -> dict:
+        S = self.S
+        width, wflops = tc.light_width(S, self.classes, ref)
+        key = self.key("light", S.STUDENT_FIELDS, teacher=self.key("teacher", S.TRAIN_FIELDS), width=width)
+        rec = self.cache.load("light", key)
+        if rec is not None:
+            return rec
+        teacher = self.teacher()
+        model = self.student(width)
+        t0 = self._begin("light")
+        try:
+            tc.train("light", model, self.data, S, teacher=teacher, feature_sites=self.feature_sites,
                      progress=self.progress)
-            self._finish("tp", tc.deploy(pruned, S), t0, key, {**info, "matched_to": ref_src, "matched_flops": ref})
+            return self._record("light", tc.deploy(model, S), t0, key, {"width_per_group": width,
+                                                                        "iterations": S.budget})
         finally:
             self._end()
 
     def run(self, rows: List[str]) -> None:
-        for row in ROWS:
-            force = row in rows
-            if row == "teacher":
-                if force or any(r in rows for r in ROWS[1:]):
-                    self.get_teacher()
-                else:
-                    self._from_cache("teacher", self.key("teacher"))
-            elif not force:
-                self._from_cache(row, self.key(row, self._extra_key(row)))
-            elif row == "kd_heavy":
-                self.run_kd_heavy(True)
-            elif row in CRITERION:
-                self.run_cdd(row, True)
-            elif row == "light":
-                self.run_light(True)
-            elif row == "tp":
-                self.run_tp(True)
-        self.speed_check()
+        self.pretrained()
+        self.teacher()
+        if any(r in rows for r in ["kd_heavy", "tp"]):
+            self.kd_heavy()
+        if any(r != "teacher" and r != "kd_heavy" for r in rows):
+            self.cdd_rggr()
+        for row in rows:
+            if row in COMPRESSING or row in ABLATIONS:
+                self.compressing_row(row)
+        if "cdd_rggr" in self.results and "kd_heavy" in self.results:
+            self.speed = self.speed_check()
 
-    def speed_check(self) -> None:
-        """Latency of the deployed heavy KD student and the merged CDD + RGGR student, measured in
-        alternation (the speed-up target uses these; the table's per-row latencies were measured at
-        different times)."""
-        self.speed = None
-        kd, rg = self.results.get("kd_heavy"), self.results.get("cdd_rggr")
-        kd_path, rg_path = self.cache.weights("kd_heavy"), self.cache.weights("cdd_rggr")
-        if not (kd and rg and kd_path.is_file() and rg_path.is_file()):
-            return
-        heavy = tc.ReIDNet(self.S.arch, self.classes)
-        heavy.load_state_dict(torch.load(kd_path, map_location="cpu", weights_only=True))
-        merged = cdd_plugin.load_merged(str(rg_path), tc.ReIDNet(self.S.arch, self.classes))
-        logger.info("speed check: latency of the heavy KD student and the merged CDD + RGGR student, in alternation")
-        lat = tc.interleaved_latency({"kd_heavy": tc.deploy(heavy, self.S), "cdd_rggr": merged}, self.S)
-        self.speed = {"latency_ms": lat, "flops_factor": kd["flops"] / rg["flops"],
-                      "speedup": {b: lat["kd_heavy"][b] / lat["cdd_rggr"][b] for b in lat["cdd_rggr"]}}
-        logger.info("speed check: %s", json.dumps(self.speed))
+    def speed_check(self) -> Optional[dict]:
+        S = self.S
+        path = Path(self.results["cdd_rggr"].get("merged_path", ""))
+        if not path.is_file():
+            return None
+        merged = cdd_plugin.load_merged(str(path), tc.ReIDNet(S.arch, self.classes))
+        heavy = tc.deploy(tc.ReIDNet(S.arch, self.classes), S)
+        lat = tc.interleaved_latency({"kd_heavy": heavy, "cdd_rggr": merged}, S)
+        factor = self.heavy_flops / self.results["cdd_rggr"]["flops"]
+        sp = {b: lat["kd_heavy"][b] / lat["cdd_rggr"][b] for b in lat["kd_heavy"]}
+        return {"latency_ms": lat, "speedup": sp, "flops_factor": factor}
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-
-def _paired(runner: Runner, a: str, b: str) -> Optional[tuple]:
-    """(mean AP difference a - b in points, its standard error) over the same queries."""
-    pa, pb = runner.per_query.get(a), runner.per_query.get(b)
-    if not pa or not pb or len(pa) != len(pb):
-        return None
-    d = 100.0 * (np.asarray(pa) - np.asarray(pb))
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+# ---------------------------------------------------------------------------------------------- results
 
 
 def targets(runner: Runner) -> List[dict]:
-    R = runner.results
+    R, pq = runner.results, runner.per_query
     out = []
-    rg, kd = R.get("cdd_rggr"), R.get("kd_heavy")
-    if rg and kd:
-        red = 1.0 - rg["flops"] / kd["flops"]
-        gap = kd["mAP"] - rg["mAP"]
-        pr = _paired(runner, "cdd_rggr", "kd_heavy")
-        ok = red >= 0.60 and gap <= 1.0
-        diag = []
-        if red < 0.60:
-            mr = rg.get("masked_rows", {})
-            planned = rg.get("flops_planned", rg["flops"]) / runner.heavy_deployed
-            if planned > runner.S.flops_target + 0.02:
-                diag.append(f"RGGR masked too few channels: planned FLOPs {100 * planned:.1f}% > target "
-                            f"{100 * runner.S.flops_target:.0f}% (criterion: a channel must be among the "
-                            f"ratio={runner.S.ratio} least contributing for EVERY (query, neighbour) pair of a "
-                            f"{runner.S.p * runner.S.k}-image batch; raise --ratio, or mask earlier / longer)")
-            if mr.get("masked", 0) > mr.get("masked_below_threshold", 0):
-                diag.append(f"{mr['masked'] - mr['masked_below_threshold']} of {mr['masked']} masked rows did not "
-                            f"reach the merge threshold (largest norm {mr.get('masked_max_norm', 0):.2e}): the lasso "
-                            "x LR budget after the masks were set was too small (raise --lasso or mask earlier)")
-        if gap > 1.0:
-            diag.append(f"accuracy cost of compression within {rg['iterations']} iterations (short schedule, lasso "
-                        f"{runner.S.lasso} also pulls unmasked rows); mAP standard error ~{rg.get('mAP_se', float('nan')):.1f}")
-        out.append({"target": "CDD + RGGR removes >= 60% of the heavy student's FLOPs with mAP >= KD student - 1.0",
-                    "measured": f"FLOPs -{100 * red:.1f}%, mAP {rg['mAP']:.2f} vs {kd['mAP']:.2f} (gap {gap:+.2f}"
-                                + (f"; paired difference {pr[0]:+.2f} +- {pr[1]:.2f} s.e." if pr else "") + ")",
-                    "status": "PASS" if ok else "MISS", "diagnosis": "; ".join(diag)})
-    if rg:
-        comps = [r for r in ("light", "tp", "cdd_norm", "cdd_lasso") if r in R]
-        if comps:
-            parts, ok, diag = [], True, []
-            for r in comps:
-                d = rg["mAP"] - R[r]["mAP"]
-                pr = _paired(runner, "cdd_rggr", r)
-                fl = R[r]["flops"] / rg["flops"]
-                parts.append(f"{LABELS[r]} {R[r]['mAP']:.2f} ({d:+.2f}" + (f" +- {pr[1]:.2f}" if pr else "")
-                             + f", FLOPs x{fl:.3f})")
-                if d <= 0:
-                    ok = False
-                    diag.append(f"{LABELS[r]} is not worse")
-                if abs(fl - 1) > 0.05:
-                    diag.append(f"{LABELS[r]}'s FLOPs differ from CDD + RGGR's by {100 * (fl - 1):+.1f}%")
-            status = ("PASS" if ok else "MISS") + ("" if len(comps) == 4 else " (partial: rows missing)")
-            if rg["flops"] >= 0.98 * runner.heavy_deployed:
-                status = "n/a"
-                diag = ["CDD + RGGR compressed nothing, so there is no equal-FLOPs comparison (the baselines were "
-                        "matched to --flops-target instead)"]
-            out.append({"target": "at equal FLOPs CDD + RGGR beats light, torch-pruning, CDD + norm, lasso-only on mAP",
-                        "measured": f"CDD + RGGR {rg['mAP']:.2f} vs " + "; ".join(parts),
-                        "status": status, "diagnosis": "; ".join(diag)})
-    if rg and kd:
-        factor = kd["flops"] / rg["flops"]
-        speed = getattr(runner, "speed", None)
-        lat_kd = speed["latency_ms"]["kd_heavy"] if speed else kd["latency_ms"]
-        lat_rg = speed["latency_ms"]["cdd_rggr"] if speed else rg["latency_ms"]
-        parts, ok = [], True
-        for b, lat in lat_rg.items():
-            kl = lat_kd.get(b)
-            if not kl:
+    if "cdd_rggr" in R and "kd_heavy" in R:
+        c, k = R["cdd_rggr"], R["kd_heavy"]
+        d, se = paired(pq["cdd_rggr"], pq["kd_heavy"])
+        red = 1 - c["flops_vs_heavy"]
+        ok = red >= 0.60 and d >= -1.0
+        out.append({"target": "CDD + RGGR removes >= 60% of the heavy student's FLOPs with test mAP >= KD heavy - 1.0",
+                    "measured": f"-{100 * red:.1f}% FLOPs; mAP {c['mAP']:.2f} vs {k['mAP']:.2f}: {d:+.2f} "
+                                f"(paired s.e. {se:.2f})", "status": "met" if ok else "MISSED"})
+    if "cdd_rggr" in R:
+        parts, all_ok = [], True
+        for row in COMPRESSING:
+            if row not in R:
                 continue
-            sp = kl / lat
-            parts.append(f"batch {b}: x{sp:.2f} = {sp / factor:.2f} of x{factor:.2f}")
-            ok = ok and sp >= 0.8 * factor
-        src = "measured in alternation" if speed else "from the table's latencies"
-        if factor < 1.05:
-            status, diag = "n/a", "CDD + RGGR removed no FLOPs"
-        else:
-            status = "PASS" if ok else "MISS"
-            diag = "" if ok else ("narrow layers use the CPU less efficiently than wide ones; on a shared machine "
-                                  "latency is noisy")
-        out.append({"target": "merged model's CPU speed-up >= 0.8 x its FLOPs reduction factor",
-                    "measured": "; ".join(parts) + f" ({src})", "status": status, "diagnosis": diag})
+            d, se = paired(pq["cdd_rggr"], pq[row])
+            all_ok &= d > 0
+            parts.append(f"vs {LABELS[row]} {d:+.2f} (s.e. {se:.2f}, its FLOPs x{R[row]['flops'] / R['cdd_rggr']['flops']:.3f})")
+        if parts:
+            out.append({"target": "at equal FLOPs CDD + RGGR beats every other compression row and the light student",
+                        "measured": "; ".join(parts), "status": "met" if all_ok else "MISSED"})
     return out
 
 
-def write_results(runner: Runner, args, t_start: float, est: dict) -> None:
+def write_results(runner: Runner, t_start: float) -> None:
     S, out = runner.S, runner.out
-    rows = [runner.results[r] for r in ROWS if r in runner.results]
-    kd = runner.results.get("kd_heavy")
-    base_flops = kd["flops"] if kd else runner.heavy_deployed
-    for r in rows:
-        r["flops_vs_heavy"] = r["flops"] / base_flops
-        if kd:
-            r["speedup_vs_heavy"] = {b: kd["latency_ms"][b] / v for b, v in r["latency_ms"].items()
-                                     if b in kd["latency_ms"] and v}
-    tg = targets(runner)
-    ref, ref_src = runner.ref_flops()
+    order = ROWS + list(ABLATIONS)
+    rows = [runner.results[r] for r in order if r in runner.results]
     summary = {
-        "schema": "cdd_tradeoff/v1",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
-        "machine": tc.machine(),
-        "settings": S.to_dict(),
-        "data": runner.data.describe(),
-        "iterations_per_epoch": runner.data.steps_per_epoch,
-        "heavy_student_flops_deployed": runner.heavy_deployed,
-        "equal_flops_reference": {"flops": ref, "source": ref_src},
-        "estimate_s": est,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-        "rows": rows,
-        "targets": tg,
-        "speed_check": getattr(runner, "speed", None),
-        "notes": runner.notes + notes(S, runner),
+        "machine": tc.machine(), "settings": S.to_dict(), "data": runner.data.describe(),
+        "heavy_student_flops": runner.heavy_flops, "lasso_scaling": runner.lasso_note,
+        "lasso_selection": runner.selection, "wall_s": round(time.perf_counter() - t_start, 1),
+        "rows": rows, "targets": targets(runner), "speed_check": getattr(runner, "speed", None),
+        "paired_vs_cdd_rggr": {r["row"]: paired(runner.per_query["cdd_rggr"], runner.per_query[r["row"]])
+                               for r in rows if "cdd_rggr" in runner.per_query and r["row"] != "cdd_rggr"},
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     if rows:
-        tc.plot_tradeoff(rows, out / "tradeoff.png", base_flops)
-    hists = {r: runner.histories[r] for r in CRITERION if r in runner.histories}
+        tc.plot_tradeoff(rows, out / "tradeoff.png", runner.heavy_flops)
+    hists = {r: h for r, h in runner.histories.items() if r.startswith(("cdd", "abl"))}
     if hists:
         tc.plot_training(hists, LABELS, out / "cdd_training.png")
-    (out / "results.md").write_text(markdown(summary, runner))
+    (out / "results.md").write_text(markdown(summary, S))
 
 
-def notes(S: tc.Settings, runner: Runner) -> List[str]:
-    steps = runner.data.steps_per_epoch
-    total = steps * S.epochs
-    ms = int(round(S.mask_start_epoch * steps))
-    return [
-        f"Schedule: {S.epochs} epochs x {steps} iterations = {total} per row, batch {S.p} ids x {S.k} images, base LR "
-        f"{S.lr} (linear warm-up {S.warmup_epochs:g} epochs, then cosine to 0), SGD momentum {S.momentum}, weight "
-        f"decay {S.weight_decay} (none on DGCs). Every row sees the same batches and augmentations.",
-        f"Lasso {S.lasso} (paper 0.004), masks from iteration {ms} ({S.mask_start_epoch:g} epochs), refreshed every "
-        f"{S.mask_interval} iteration(s): a masked row moves ~lr x lasso x 10 = {S.lr * S.lasso * 10:.1e} per "
-        f"full-LR iteration (momentum 0.9), so it can travel a norm of ~1 within "
-        f"{1 / max(1e-12, S.lr * S.lasso * 10):.0f} full-LR iterations; within one step of zero the core's proximal "
-        f"snap sets it to exactly 0, below the threshold {S.threshold:g}. The notes column says how many masked rows "
-        "got there and when the masks met the FLOPs target.",
-        f"RGGR: K={S.rggr_k}, ratio={S.ratio}, metric {S.metric}, queue "
-        f"{S.queue_size or min(24000, 2 * steps * S.p * S.k)} teacher features per site (two epochs of images when "
-        "not set), FLOPs target " + f"{S.flops_target:g}.",
-        "Deployed form: CDD rows are merged (BN + DGC folded, zero rows cut); every other row has the same BatchNorms "
-        "folded (insert_dgc + merge(threshold=0) on a copy), so params / FLOPs / latency compare like with like.",
-        "Latency: median of " + ", ".join(f"{r} runs at batch {b}" for b, r in zip(S.latency_batches, S.latency_runs))
-        + f" (after 3 warm-up runs) of an eval forward on the CPU with {S.threads or min(4, os.cpu_count() or 1)} "
-        "thread(s); on a shared machine it is noisy, so the speed-up target uses the speed check (the heavy and the "
-        "merged student measured in alternation).",
-        "Every ResNet is built with zero_init_residual=True and trained from scratch (no ImageNet weights here).",
-    ]
-
-
-def _fmt_lat(r: dict, b: str) -> str:
-    v = r["latency_ms"].get(b)
-    return "-" if v is None else f"{v:.1f}"
-
-
-def markdown(s: dict, runner: Runner) -> str:
-    S = runner.S
+def markdown(s: dict, S: tc.Settings) -> str:
     bs = [str(b) for b in S.latency_batches]
-    L = [f"# CDD trade-off benchmark on Market-1501 ({S.preset} preset)", "",
-         f"- date: {s['date']}", f"- command: `{s['command']}`",
-         f"- machine: {s['machine'].get('cpu_model', s['machine']['processor'])}, {s['machine']['cpu_count']} cores, "
-         f"torch {s['machine']['torch']}, torchvision {s['machine']['torchvision']}, torch-pruning "
-         f"{s['machine'].get('torch_pruning', '?')}, device {S.device}"
-         + (f" ({s['machine']['cuda_device']})" if s["machine"].get("cuda_device") else "")
-         + (f", load average at start {s['machine']['load_average_at_start']}" if s["machine"].get(
-             "load_average_at_start") else ""),
-         f"- data: {s['data']}; protocol: evaluate_reid (same identity and camera removed), cosine distance",
-         f"- network: {S.arch} teacher and heavy student, input {S.input_size[0]}x{S.input_size[1]}, trained from "
-         "scratch",
-         f"- wall time: {s['wall_s'] / 60:.1f} min" + (f" (estimate before the run: {s['estimate_s']['total'] / 60:.0f} "
-                                                       "min on an unshared 2-core CPU)" if s["estimate_s"] else ""),
-         f"- equal-FLOPs reference: {s['equal_flops_reference']['flops'] / 1e9:.3f} GFLOPs "
-         f"({s['equal_flops_reference']['source']})", "",
-         "## Results", "",
-         "| row | mAP (s.e.) | rank-1 | params (M) | GFLOPs | FLOPs vs heavy | " + " | ".join(
-             f"latency b{b} (ms)" for b in bs) + " | " + " | ".join(f"speed-up b{b}" for b in bs) + " | notes |",
-         "|---|---|---|---|---|---|" + "---|" * (2 * len(bs)) + "---|"]
+    m = s["machine"]
+    L = [f"# CDD trade-off study on Market-1501 ({S.preset} preset)", "",
+         f"- date: {s['date']}; wall time {s['wall_s'] / 60:.1f} min", f"- command: `{s['command']}`",
+         f"- machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores, torch {m['torch']}, "
+         f"torch-pruning {m.get('torch_pruning', '?')}, device {S.device}, load average at start "
+         f"{m.get('load_average_at_start')}",
+         f"- data: {s['data']}",
+         f"- network: {S.arch} (teacher, heavy student), input {S.input_size[0]}x{S.input_size[1]}; pretraining "
+         f"{S.pretrain_iters} iterations, teacher {S.teacher_iters}, every row {S.budget} (masks / pruning from "
+         f"{S.mask_start})",
+         f"- {s['lasso_scaling']}", "", "## Results (test identities)", "",
+         "| row | mAP (s.e.) | vs CDD + RGGR (paired s.e.) | rank-1 | val mAP | params (M) | MFLOPs | FLOPs vs heavy | "
+         + " | ".join(f"ms b{b}" for b in bs) + " | notes |",
+         "|---|---|---|---|---|---|---|---|" + "---|" * len(bs) + "---|"]
     for r in s["rows"]:
+        pv = s["paired_vs_cdd_rggr"].get(r["row"])
+        pvs = f"{-pv[0]:+.2f} ({pv[1]:.2f})" if pv else "-"
         note = []
-        if r.get("criterion") == "none":
-            note.append("no masks (lasso only)")
-        elif "masked_rows" in r:
+        if "channels_masked" in r:
             mr = r["masked_rows"]
-            note.append(f"masked {mr['masked']}/{r.get('channels_total', '?')}, {mr['masked_below_threshold']} reached "
-                        f"< {S.threshold:g} (max masked norm {mr['masked_max_norm']:.1e})")
-            if "mAP_unmerged" in r:
-                note.append(f"unmerged mAP {r['mAP_unmerged']:.2f}")
-        if "mask_done_iteration" in r:
-            note.append(f"target met by the masks at it. {r['mask_done_iteration']}" if r["mask_done_iteration"]
-                        else "masks never met the target")
-        if "norm_step" in r:
-            note.append(f"norm_step {r['norm_step']}")
+            note.append(f"{r['dgc_sites']} sites; masked {r['channels_masked']}/{r['channels_total']} "
+                        f"({mr['masked_below_threshold']} at 0), {mr['unmasked_below_threshold']} unmasked rows at 0")
         if "end_cut" in r:
-            note.append(f"end cut {r['end_cut']['rows_cut']} rows (largest norm {r['end_cut']['largest_cut_norm']:.1e})")
+            note.append(f"end cut {r['end_cut']['rows_cut']} rows (largest {r['end_cut']['largest_cut_norm']:.1e})")
+        if "pruning_ratio" in r:
+            note.append(f"ratio {r['pruning_ratio']}")
         if "width_per_group" in r:
             note.append(f"width_per_group {r['width_per_group']}")
-        if "pruning_ratio" in r:
-            note.append(f"ratio {r['pruning_ratio']} per-layer" if not r.get("global_pruning") else
-                        f"ratio {r['pruning_ratio']} global")
-            if "mAP_after_pruning_before_finetune" in r:
-                note.append(f"mAP before fine-tuning {r['mAP_after_pruning_before_finetune']:.2f}")
-        sp = r.get("speedup_vs_heavy", {})
-        L.append(f"| {r['label']} | {r['mAP']:.2f} ({r.get('mAP_se', float('nan')):.1f}) | {r['rank1']:.2f} | "
-                 f"{r['params'] / 1e6:.2f} | {r['flops'] / 1e9:.3f} | {100 * r['flops_vs_heavy']:.1f}% | "
-                 + " | ".join(_fmt_lat(r, b) for b in bs) + " | "
-                 + " | ".join(f"x{sp[b]:.2f}" if b in sp else "-" for b in bs) + f" | {'; '.join(note)} |")
-    L += ["", "s.e.: standard error of mAP over the queries (per-query AP std / sqrt(queries)); differences between "
-          "rows on the same queries are paired and their s.e. is given in the targets.", "",
-          "## Targets", "", "| target | measured | status | diagnosis |", "|---|---|---|---|"]
+        if "matched_to" in r:
+            note.append(f"matched to {r['matched_to']}")
+        L.append(f"| {r['label']} | {r['mAP']:.2f} ({r['mAP_se']:.2f}) | {pvs} | {r['rank1']:.2f} | "
+                 f"{r['val_mAP']:.2f} | {r['params'] / 1e6:.2f} | {r['flops'] / 1e6:.1f} | "
+                 f"{100 * r['flops_vs_heavy']:.1f}% | "
+                 + " | ".join(f"{r['latency_ms'][b]:.1f}" if b in r.get("latency_ms", {}) else "-" for b in bs)
+                 + f" | {'; '.join(note)} |")
+    L += ["", "Paired differences are (row - CDD + RGGR) in mAP points over the same test queries.", "",
+          "## Lasso chosen on the validation split", "",
+          "| lasso | x scaled | val mAP | FLOPs removed | test mAP | chosen |", "|---|---|---|---|---|---|"]
+    for c in s["lasso_selection"]:
+        L.append(f"| {c['lasso']:.4g} | {c['multiplier']:g} | {c['val_mAP']:.2f} | {100 * c['reduction']:.1f}% | "
+                 f"{c['test_mAP']:.2f} | {'yes' if c['chosen'] else ''} |")
+    L += ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
     for t in s["targets"]:
-        L.append(f"| {t['target']} | {t['measured']} | {t['status']} | {t['diagnosis'] or '-'} |")
-    if not s["targets"]:
-        L.append("| (needs the kd_heavy and cdd_rggr rows) | - | n/a | - |")
+        L.append(f"| {t['target']} | {t['measured']} | {t['status']} |")
     sc = s.get("speed_check")
     if sc:
-        L += ["", "## Speed check (heavy KD student vs merged CDD + RGGR, measured in alternation)", "",
-              "| batch | heavy KD (ms) | CDD + RGGR merged (ms) | speed-up | FLOPs reduction factor | ratio |",
-              "|---|---|---|---|---|---|"]
+        L += ["", "## Speed (heavy student vs merged CDD + RGGR, measured in alternation)", "",
+              "| batch | heavy (ms) | merged (ms) | speed-up | FLOPs factor |", "|---|---|---|---|---|"]
         for b, sp in sc["speedup"].items():
             L.append(f"| {b} | {sc['latency_ms']['kd_heavy'][b]:.1f} | {sc['latency_ms']['cdd_rggr'][b]:.1f} | "
-                     f"x{sp:.2f} | x{sc['flops_factor']:.2f} | {sp / sc['flops_factor']:.2f} |")
-    L += ["", "## Notes", ""] + [f"- {n}" for n in s["notes"]]
-    L += ["", "## Files", "", "- results.json: every figure above and the settings", "- tradeoff.png: mAP vs FLOPs",
-          "- cdd_training.png: predicted merged FLOPs (every log_every iterations) and mAP (every eval_every "
-          "epochs) of the CDD runs", "- run.log, logs/<row>.log: the logs; cache/: teacher weights, per-row results",
-          ""]
+                     f"x{sp:.2f} | x{sc['flops_factor']:.2f} |")
+    L += ["", "Files: results.json (every figure and setting), tradeoff.png, cdd_training.png, run.log, logs/.", ""]
     return "\n".join(L)
 
 
@@ -855,108 +712,84 @@ def markdown(s: dict, runner: Runner) -> str:
 
 def build_settings(args) -> tc.Settings:
     S = tc.Settings(preset=args.preset, **PRESETS[args.preset])
-    over = {"seed": args.seed, "device": args.device, "epochs": args.epochs, "flops_target": args.flops_target,
-            "lasso": args.lasso, "lr": args.lr, "ratio": args.ratio, "threads": args.threads,
-            "workers": args.workers, "train_ids": args.ids, "test_ids": args.test_ids, "arch": args.arch,
-            "feat_weight": args.feat_weight, "mask_start_epoch": args.mask_start_epoch,
-            "eval_every": args.eval_every}
-    for k, v in over.items():
+    for k in ("seed", "subset_seed", "device", "budget", "lasso", "threads", "workers", "arch", "ratio", "sites",
+              "flops_target"):
+        v = getattr(args, k)
         if v is not None:
             setattr(S, k, v)
     if args.input:
-        h, w = (int(v) for v in args.input.lower().split("x"))
-        S.input_size = (h, w)
-    if args.tp_global:
-        S.tp_global = True
+        S.input_size = tuple(int(v) for v in args.input.lower().split("x"))
+    if args.lasso_grid:
+        S.lasso_grid = tuple(float(v) for v in args.lasso_grid.split(","))
     S.data_root = args.data or os.environ.get("CDD_MARKET1501", "") or str(cdd_plugin.datasets.default_market1501_root())
-    if not (0.0 < S.flops_target < 1.0):
-        raise SystemExit(f"--flops-target {S.flops_target} must lie in (0, 1): the kept fraction of the FLOPs")
-    if S.epochs < 1:
-        raise SystemExit("--epochs must be >= 1")
-    if not (0 <= S.mask_start_epoch < S.epochs):
-        raise SystemExit(f"masks start at epoch {S.mask_start_epoch:g}, which is not before the last epoch "
-                         f"({S.epochs}); pass more --epochs or a smaller --mask-start-epoch")
     if S.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {S.device} (the {S.preset} preset's default) needs CUDA, and torch "
-                         f"{torch.__version__} sees no CUDA device here. Run on a GPU machine, or pass --device cpu "
-                         "(the full preset on a CPU takes weeks).")
+        raise SystemExit(f"--device {S.device} (the {S.preset} preset's default) needs CUDA and torch sees none here; "
+                         "run on a GPU machine or pass --device cpu")
+    if not os.path.isdir(S.data_root):
+        raise SystemExit(f"Market-1501 not found at {S.data_root}; pass --data or set CDD_MARKET1501")
     return S
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--rows", default="all", help=f"comma-separated subset of {','.join(ROWS)} (default all); rows "
-                    "not listed are taken from OUT/cache when their settings match")
+    ap.add_argument("--rows", default="all", help=f"comma-separated rows of {','.join(ROWS)} or ablations "
+                    f"{','.join(ABLATIONS)} (default: every row, no ablation)")
     ap.add_argument("--out", default=None, help="output folder (default runs/tradeoff/<preset>)")
+    ap.add_argument("--cache", default=None, help="cache folder (default $CDD_BENCH_CACHE or ~/.cache/cdd_plugin/"
+                    "tradeoff); pretraining, teacher and rows are reused while their settings match")
+    ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--device", help="cpu or cuda (default: the preset's)")
-    ap.add_argument("--epochs", type=int, help="epochs of every row")
-    ap.add_argument("--flops-target", type=float, help="kept fraction of the heavy student's FLOPs (default 0.35)")
-    ap.add_argument("--lasso", type=float)
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--ratio", type=float, help="RGGR candidate ratio")
-    ap.add_argument("--mask-start-epoch", type=float)
-    ap.add_argument("--eval-every", type=int, help="epochs between evaluations of the CDD runs during training")
-    ap.add_argument("--feat-weight", type=float, help="FitNet feature term (0 by default, see the docstring)")
+    ap.add_argument("--subset-seed", type=int, help="another choice of pretraining / study / validation / test ids")
+    ap.add_argument("--device")
+    ap.add_argument("--budget", type=int, help="training iterations of every row")
+    ap.add_argument("--lasso", type=float, help="fixed lasso (default: the paper's scaled to the schedule)")
+    ap.add_argument("--ratio", type=float, help="RGGR candidate ratio p (default: the authors' 0.5)")
+    ap.add_argument("--lasso-grid", help="comma-separated multipliers of the scaled lasso to choose from on the "
+                    "validation split (default 0.25,1)")
+    ap.add_argument("--sites", choices=["paper", "all"], help="placement of the CDD rows (default: the authors' "
+                    "'paper'); the cdd_rggr_all row always compacts every set")
+    ap.add_argument("--flops-target", type=float, help="cdd_rggr stops masking once the merged model keeps this "
+                    "fraction of the FLOPs (ours; default: none, the authors')")
     ap.add_argument("--arch", choices=sorted(tc.ARCH_LAYERS))
-    ap.add_argument("--input", help="HxW, e.g. 256x128")
-    ap.add_argument("--ids", type=int, help="training identities (0 = all)")
-    ap.add_argument("--test-ids", type=int, help="test identities (0 = the full query/gallery)")
+    ap.add_argument("--input", help="HxW")
     ap.add_argument("--data", help="Market-1501 folder (default $CDD_MARKET1501 or ../shared/data/...)")
-    ap.add_argument("--threads", type=int, help="CPU threads (default min(4, cores))")
-    ap.add_argument("--workers", type=int, help="data loader workers")
-    ap.add_argument("--tp-global", action="store_true", help="torch-pruning: global instead of per-layer ranking")
-    ap.add_argument("--no-cache", action="store_true", help="retrain the teacher and ignore cached rows")
-    ap.add_argument("--progress", choices=["auto", "always", "never"], default="auto",
-                    help="tqdm bars (auto: only on a terminal)")
-    ap.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--progress", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
 
     S = build_settings(args)
     rows = ROWS if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in rows if r not in ROWS]
+    bad = [r for r in rows if r not in ROWS and r not in ABLATIONS]
     if bad:
-        raise SystemExit(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
+        raise SystemExit(f"unknown row(s) {bad}; choose from {', '.join(ROWS + list(ABLATIONS))}")
     out = Path(args.out or f"runs/tradeoff/{S.preset}")
     out.mkdir(parents=True, exist_ok=True)
-
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    runlog = logging.FileHandler(out / "run.log", mode="a", encoding="utf-8")
-    runlog.setFormatter(fmt)
-    for name in ("bench_tradeoff", "cdd_plugin"):
-        lg = logging.getLogger(name)
-        lg.setLevel(logging.INFO)
-        lg.addHandler(console)
-        lg.addHandler(runlog)
-        lg.propagate = False
-
-    threads = S.threads or min(4, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(out / "run.log", mode="a", encoding="utf-8")):
+        h.setFormatter(fmt)
+        for name in ("bench_tradeoff", "cdd_plugin"):
+            lg = logging.getLogger(name)
+            lg.setLevel(logging.INFO)
+            lg.addHandler(h)
+            lg.propagate = False
+    torch.set_num_threads(S.threads or min(4, os.cpu_count() or 1))
     t_start = time.perf_counter()
-    logger.info("bench_tradeoff: preset %s, rows %s, out %s, %d thread(s), device %s", S.preset, ",".join(rows), out,
-                threads, S.device)
-    logger.info("command: %s", " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
-    runner = Runner(S, out, args.progress, not args.no_cache)
-    logger.info("data: %s; %d iterations per epoch", runner.data.describe(), runner.data.steps_per_epoch)
-    est = None
-    if S.device == "cpu":
-        est = estimate(S, runner.data, runner.heavy_plain, S.flops_target)
-        logger.info("estimated time on an unshared 2-core CPU (from ResNet-50 256x128 batch 16 = %.1f s/it): %s",
-                    REF_STEP_S, ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items() if k != "iterations_per_row")
-                    + f"; {est['iterations_per_row']} iterations per row")
-    if args.estimate_only:
-        return 0
+    cache = Path(args.cache) if args.cache else default_cache() / S.preset
+    logger.info("bench_tradeoff: preset %s, rows %s, out %s, cache %s, %d thread(s)", S.preset, ",".join(rows), out,
+                cache, torch.get_num_threads())
+    runner = Runner(S, out, cache, args.progress, not args.no_cache)
+    logger.info("data: %s", runner.data.describe())
+    logger.info("%s; lasso grid x%s, masks from iteration %d of %d", runner.lasso_note,
+                ",".join(f"{g:g}" for g in S.lasso_grid), S.mask_start, S.budget)
     try:
         runner.run(rows)
     finally:
-        write_results(runner, args, t_start, est)
-        logger.info("wrote %s", ", ".join(str(out / f) for f in ("results.json", "results.md", "tradeoff.png",
-                                                                 "cdd_training.png") if (out / f).exists()))
+        write_results(runner, t_start)
+        logger.info("wrote %s", out / "results.md")
     for t in targets(runner):
-        logger.info("target: %s -> %s [%s] %s", t["target"], t["measured"], t["status"], t["diagnosis"])
+        logger.info("target: %s -> %s [%s]", t["target"], t["measured"], t["status"])
     return 0
 
 
