@@ -43,6 +43,9 @@ def _median_time(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+SITES = "all"  # --sites: the placement every measurement uses
+
+
 def _variant_step(variant, teacher, x, y, queue):
     """A training step of one variant (built fresh): ``kd``, ``cdd`` (RGGR, masks refreshed
     every step) or ``cdd_no_refresh`` (criterion "none": compactors, taps, feature loss and
@@ -63,8 +66,8 @@ def _variant_step(variant, teacher, x, y, queue):
             opt.step()
         return step, None
     # no FLOPs target: the masks are refreshed at every step, never stopped by a met budget
-    cfg = (cdd_plugin.CDDConfig(queue_size=queue, mask_start=0) if variant == "cdd"
-           else cdd_plugin.CDDConfig(queue_size=queue, criterion="none"))
+    cfg = (cdd_plugin.CDDConfig(queue_size=queue, mask_start=0, sites=SITES) if variant == "cdd"
+           else cdd_plugin.CDDConfig(queue_size=queue, criterion="none", sites=SITES))
     state = cdd_plugin.insert_dgc(student, x[:2], cfg)
     gen = torch.Generator().manual_seed(1)
     for name, q in state.queues.items():
@@ -106,7 +109,7 @@ def bench_step(arch, size, batch, classes, repeats, queue):
     kd, cdd, no_refresh = (statistics.median(times[v]) for v in ("kd", "cdd", "cdd_no_refresh"))
     # what the compactors cost in FLOPs: a KD step is ~3 student forwards (fwd + bwd) + 1 teacher forward
     probe = copy.deepcopy(teacher)
-    cdd_plugin.insert_dgc(probe, x[:2], cdd_plugin.CDDConfig())
+    cdd_plugin.insert_dgc(probe, x[:2], cdd_plugin.CDDConfig(sites=SITES))
     f_student = cdd_plugin.profile(probe, x[:1], count_dgc=False)["flops"]
     f_dgc = cdd_plugin.profile(probe, x[:1])["flops"] - f_student
     return {"arch": arch, "input": list(size), "batch": batch, "sites": sites,
@@ -153,7 +156,7 @@ def bench_latency(arch, size, batches, keep, runs):
     dense = getattr(torchvision.models, arch)().eval()
     student = copy.deepcopy(dense)
     x = torch.randn(1, 3, *size)
-    state = cdd_plugin.insert_dgc(student, x)
+    state = cdd_plugin.insert_dgc(student, x, cdd_plugin.CDDConfig(sites=SITES))
     with torch.no_grad():
         for d in state.compactors.values():
             d.weight.add_(0.01 * torch.randn_like(d.weight))
@@ -180,7 +183,7 @@ def bench_merge(archs, size, repeats):
     for arch in archs:
         torch.manual_seed(0)
         model = getattr(torchvision.models, arch)()
-        state = cdd_plugin.insert_dgc(model, torch.randn(1, 3, *size))
+        state = cdd_plugin.insert_dgc(model, torch.randn(1, 3, *size), cdd_plugin.CDDConfig(sites=SITES))
         _compress(model, state, 0.35)
         t = _median_time(lambda: cdd_plugin.merge(model), repeats, warmup=0)
         rows.append({"arch": arch, "merge_s": t})
@@ -194,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--input", default="256x128", help="HxW of the training/latency input")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sites", choices=["all", "paper"], default="all", help="compactor placement: every exactly "
+                    "foldable set (the figures in RESULTS.md) or the authors' one per residual block")
     args = ap.parse_args(argv)
     h, w = (int(v) for v in args.input.lower().split("x"))
     if args.quick:
@@ -207,6 +212,8 @@ def main(argv=None) -> int:
 
     print(f"\n[1] training step, {args.arch} {size[0]}x{size[1]}, batch {batch}, queues full "
           f"(median of 2 rounds x {max(1, repeats // 2)} steps)")
+    global SITES
+    SITES = args.sites
     res["step"] = bench_step(args.arch, size, batch, 751, repeats, queue)
     s = res["step"]
     print(f"    KD only      {s['kd_step_s']:.3f} s/it\n    CDD + RGGR   {s['cdd_step_s']:.3f} s/it   "

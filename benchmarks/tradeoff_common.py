@@ -713,9 +713,9 @@ def machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "threads": torch.get_num_threads()}
-    try:
-        import torch_pruning as tp
-        info["torch_pruning"] = getattr(tp, "__version__", "?")
+    try:  # the installed distribution's version: torch-pruning 1.6.1's own __version__ still says 1.6.0
+        from importlib.metadata import version
+        info["torch_pruning"] = version("torch-pruning")
     except Exception:  # pragma: no cover
         pass
     try:
