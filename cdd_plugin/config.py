@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional
 
 CRITERIA = ("rggr", "norm", "none")
 METRICS = ("cosine", "l2")
+QUEUE_DTYPES = ("float32", "bfloat16", "float16")
 #: where surgery puts compactors: "paper" = the authors' placement (one per residual block,
 #: on the channel set that feeds the block's last convolution); "all" = every channel set
 #: that can be compacted exactly (ours: the stem and each bottleneck's first set too)
@@ -115,6 +116,15 @@ class CDDConfig:
     is set exactly to zero (with its momentum), instead of oscillating around zero at about
     lr x lasso / (1 - momentum) until the learning rate decays. Set it to False for the
     authors' plain form.
+
+    ``queue_dtype`` (ours; "float32" = the authors') stores the teacher memory queues in half
+    precision ("float16" or "bfloat16"): half the memory and half the checkpoint size. The
+    neighbour search and contributions are still computed in float32, on the rounded features;
+    masks can differ from float32 queues only where two contributions or two neighbours tie to
+    within the rounding (float16: 11 significant bits, bfloat16: 8; see RESULTS.md), and
+    float16 refuses features beyond its range (65504). ``checkpoint_queues=False`` (ours) leaves
+    the queues out of ``state_dict()``: a resumed run refills them from its next batches, so the
+    masks chosen until they are full again use a smaller memory than an uninterrupted run's.
     """
 
     lasso: float = 0.004
@@ -134,6 +144,8 @@ class CDDConfig:
     sites: str = "paper"
     decay_compactors: bool = True
     masked_lasso: Optional[float] = None
+    queue_dtype: str = "float32"
+    checkpoint_queues: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -147,7 +159,10 @@ class CDDConfig:
         if self.sites not in SITES:
             raise bad("sites", "unknown placement", "use 'paper' (the authors': one compactor per residual block) or "
                       "'all' (every channel set that can be compacted exactly)")
-        for key in ("snap_to_zero", "decay_compactors"):
+        if self.queue_dtype not in QUEUE_DTYPES:
+            raise bad("queue_dtype", "unknown storage type of the memory queues",
+                      f"use one of {', '.join(QUEUE_DTYPES)} (float32, the default, is the authors')")
+        for key in ("snap_to_zero", "decay_compactors", "checkpoint_queues"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be True or False", f"set {key}=True or {key}=False")
         if self.criterion not in CRITERIA:

@@ -100,42 +100,65 @@ def select_unimportant_loop(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor
     return mask
 
 
-class MemoryQueue:
-    """First-in-first-out store of pooled teacher features of one layer."""
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FP16_MAX = 65504.0
 
-    def __init__(self, size: int, channels: int):
+
+class MemoryQueue:
+    """First-in-first-out store of pooled teacher features of one layer.
+
+    ``dtype`` ("float32", "bfloat16", "float16") is the storage type; row norms are kept in
+    float32, computed from the stored (rounded) rows, so a queue rebuilt from its
+    ``state_dict`` is identical to the one that wrote it."""
+
+    def __init__(self, size: int, channels: int, dtype: str = "float32"):
+        if dtype not in _DTYPES:
+            raise ValueError(f"queue dtype {dtype!r} is unknown; use one of {', '.join(_DTYPES)}")
         self.size = int(size)
         self.channels = int(channels)
+        self.dtype = dtype
         self.data: Optional[torch.Tensor] = None
-        self.norms: Optional[torch.Tensor] = None   # row norms, kept in step with data
+        self.norms: Optional[torch.Tensor] = None   # float32 row norms of the stored rows
         self.ptr = 0
         self.count = 0
 
-    def push(self, feats: torch.Tensor) -> None:
-        feats = feats.detach().float()
+    def _alloc(self, device) -> None:
+        self.data = torch.zeros(self.size, self.channels, dtype=_DTYPES[self.dtype], device=device)
+        self.norms = torch.zeros(self.size, device=device)
+
+    def check(self, feats: torch.Tensor) -> None:
+        """Raise ValueError if ``push(feats)`` would fail; changes nothing."""
         if feats.dim() != 2 or feats.shape[1] != self.channels:
             raise ValueError(f"memory queue of {self.channels} channels got features of shape {tuple(feats.shape)}")
+        if self.dtype == "float16" and feats.numel() and float(feats.detach().abs().max()) > _FP16_MAX:
+            raise ValueError(f"a teacher feature of {float(feats.detach().abs().max()):.3g} exceeds float16's range "
+                             f"({_FP16_MAX:.0f}); store the queues with queue_dtype='bfloat16' or 'float32'")
+
+    def push(self, feats: torch.Tensor) -> None:
+        self.check(feats)
+        feats = feats.detach().float()
         if self.data is None:
-            self.data = torch.zeros(self.size, self.channels, device=feats.device)
-            self.norms = torch.zeros(self.size, device=feats.device)
+            self._alloc(feats.device)
         if feats.shape[0] >= self.size:
             feats = feats[-self.size:]
-        n = feats.shape[0]
+        stored = feats.to(self.data.dtype)
+        n = stored.shape[0]
         end = self.ptr + n
-        fn = feats.norm(dim=1)
+        fn = stored.float().norm(dim=1)
         if end <= self.size:
-            self.data[self.ptr:end] = feats
+            self.data[self.ptr:end] = stored
             self.norms[self.ptr:end] = fn
         else:
             first = self.size - self.ptr
-            self.data[self.ptr:] = feats[:first]
-            self.data[: n - first] = feats[first:]
+            self.data[self.ptr:] = stored[:first]
+            self.data[: n - first] = stored[first:]
             self.norms[self.ptr:] = fn[:first]
             self.norms[: n - first] = fn[first:]
         self.ptr = end % self.size
         self.count = min(self.size, self.count + n)
 
     def bank(self) -> torch.Tensor:
+        """The queued rows in their storage type ([count, C]); selection computes in float32."""
         if self.data is None:
             return torch.zeros(0, self.channels)
         return self.data[: self.count] if self.count < self.size else self.data
@@ -145,7 +168,15 @@ class MemoryQueue:
             return torch.zeros(0)
         return self.norms[: self.count] if self.count < self.size else self.norms
 
-    def state_dict(self) -> dict:
+    def nbytes(self) -> int:
+        """Bytes the queue holds (rows and norms) once allocated."""
+        return 0 if self.data is None else self.data.numel() * self.data.element_size() + self.norms.numel() * 4
+
+    def state_dict(self, with_data: bool = True) -> dict:
+        """Rows (in the storage type), write position and fill. ``with_data=False`` records an
+        empty queue of the same size: a resumed run refills it."""
+        if not with_data:
+            return {"data": None, "ptr": 0, "count": 0, "size": self.size, "omitted": True}
         return {"data": None if self.data is None else self.data[: self.count].cpu().clone()
                 if self.count < self.size else self.data.cpu().clone(),
                 "ptr": self.ptr, "count": self.count, "size": self.size}
@@ -157,6 +188,6 @@ class MemoryQueue:
         self.ptr, self.count = int(sd["ptr"]), int(sd["count"])
         self.data = self.norms = None
         if sd["data"] is not None:
-            self.data = torch.zeros(self.size, self.channels, device=device)
-            self.data[: sd["data"].shape[0]] = sd["data"].to(self.data.device)
-            self.norms = self.data.norm(dim=1)
+            self._alloc(device)
+            self.data[: sd["data"].shape[0]] = sd["data"].to(self.data.device, self.data.dtype)
+            self.norms = self.data.float().norm(dim=1)

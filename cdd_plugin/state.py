@@ -50,7 +50,8 @@ class CDDState:
         self.compactors: Dict[str, DGC] = {s.name: model.get_submodule(s.name) for s in sites}
         self.flops_model = flops_model
         self.iteration = 0
-        self.queues: Dict[str, MemoryQueue] = {s.name: MemoryQueue(cfg.queue_size, s.channels) for s in sites}
+        self.queues: Dict[str, MemoryQueue] = {s.name: MemoryQueue(cfg.queue_size, s.channels, cfg.queue_dtype)
+                                               for s in sites}
         self._pending: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_update: Dict[str, int] = {}
         self.history: List[dict] = []
@@ -108,9 +109,17 @@ class CDDState:
             "sparsity": self.lasso_value(),
         }
 
+    def queue_bytes(self) -> int:
+        """Bytes the memory queues take once full (rows in ``queue_dtype`` plus float32 norms)."""
+        per = {"float32": 4, "bfloat16": 2, "float16": 2}[self.cfg.queue_dtype]
+        return sum(self.cfg.queue_size * (s.channels * per + 4) for s in self.sites)
+
     def report(self) -> str:
         lines = [f"CDD surgery: {len(self.sites)} DGC site(s), {sum(s.channels for s in self.sites)} prunable "
-                 f"channels; criterion={self.cfg.criterion}, lasso={self.cfg.lasso}, threshold={self.cfg.threshold}"]
+                 f"channels; criterion={self.cfg.criterion}, lasso={self.cfg.lasso}, threshold={self.cfg.threshold}",
+                 f"  memory queues: {self.cfg.queue_size} x {sum(s.channels for s in self.sites)} {self.cfg.queue_dtype} "
+                 f"= {self.queue_bytes() / 2 ** 20:.0f} MiB when full"
+                 + ("" if self.cfg.checkpoint_queues else " (left out of checkpoints)")]
         w = max([len(s.name) for s in self.sites] + [10])
         lines.append(f"  {'site'.ljust(w)}  kind  channels  folds into / tap")
         for s in self.sites:
@@ -167,6 +176,7 @@ class CDDState:
         """
         student_feats = dict(student_feats or {})
         teacher_feats = teacher_feats or {}
+        ready = []
         for name, d in self.compactors.items():
             s = student_feats.get(name)
             if s is None:
@@ -182,6 +192,9 @@ class CDDState:
                 logger.warning("non-finite features at %s; this batch is not used for RGGR", name)
                 continue
             s, t = _gather(s.detach().float()), _gather(t.detach().float())
+            self.queues[name].check(t)
+            ready.append((name, s, t))
+        for name, s, t in ready:   # every site checked first: a refusal leaves every queue as it was
             self.queues[name].push(t)
             self._pending[name] = (s, t)
 
@@ -319,7 +332,7 @@ class CDDState:
             "iteration": self.iteration,
             "sites": [(s.name, s.kind, s.channels) for s in self.sites],
             "masks": {n: d.mask.detach().cpu().clone() for n, d in self.compactors.items()},
-            "queues": {n: q.state_dict() for n, q in self.queues.items()},
+            "queues": {n: q.state_dict(with_data=self.cfg.checkpoint_queues) for n, q in self.queues.items()},
         }
 
     def check_state_dict(self, sd: Any) -> None:
