@@ -1,6 +1,7 @@
 """Speed of every CDD stage, side by side in one run, as ratios.
 
-    python benchmarks/bench_speed.py [--quick] [--json PATH] [--arch resnet50] [--input 256x128] [--batch 16]
+    python benchmarks/bench_speed.py [--quick] [--memory] [--json PATH] [--arch resnet50] [--input 256x128] [--batch 16]
+                                     [--sites all|paper]
 
 1. training step: CDD + RGGR (DGCs, all losses, mask refresh every step) vs KD only
    (the same teacher, student and batch, no DGCs);
@@ -8,7 +9,9 @@
 3. latency of the merged student vs the unmerged student (with DGCs) vs the original
    dense student, set against the FLOPs ratio (channels zeroed to a 65% FLOPs cut by DGC
    norm, as at the end of CDD training: speed depends on shapes, not on how they were found);
-4. time to merge a ResNet-50 and a ResNet-101.
+4. time to merge a ResNet-50 and a ResNet-101;
+5. peak training memory and checkpoint size of KD and CDD (placements, queue storage types,
+   queues left out of checkpoints), each in its own process (``--memory`` runs only this).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def _median_time(fn, repeats, warmup=1):
 SITES = "all"  # --sites: the placement every measurement uses
 
 
-def _variant_step(variant, teacher, x, y, queue):
+def _variant_step(variant, teacher, x, y, queue, sites=None, queue_dtype="float32", checkpoint_queues=True):
     """A training step of one variant (built fresh): ``kd``, ``cdd`` (RGGR, masks refreshed
     every step) or ``cdd_no_refresh`` (criterion "none": compactors, taps, feature loss and
     lasso only). CDD queues are filled to their full size first, so a refresh searches all
@@ -64,10 +67,12 @@ def _variant_step(variant, teacher, x, y, queue):
             opt.zero_grad()
             loss.backward()
             opt.step()
+        step.checkpoint = lambda: {"model": student.state_dict(), "optimizer": opt.state_dict()}
         return step, None
     # no FLOPs target: the masks are refreshed at every step, never stopped by a met budget
-    cfg = (cdd_plugin.CDDConfig(queue_size=queue, mask_start=0, sites=SITES) if variant == "cdd"
-           else cdd_plugin.CDDConfig(queue_size=queue, criterion="none", sites=SITES))
+    common = dict(queue_size=queue, sites=sites or SITES, queue_dtype=queue_dtype, checkpoint_queues=checkpoint_queues)
+    cfg = (cdd_plugin.CDDConfig(mask_start=0, **common) if variant == "cdd"
+           else cdd_plugin.CDDConfig(criterion="none", **common))
     state = cdd_plugin.insert_dgc(student, x[:2], cfg)
     gen = torch.Generator().manual_seed(1)
     for name, q in state.queues.items():
@@ -81,7 +86,57 @@ def _variant_step(variant, teacher, x, y, queue):
         opt.zero_grad()
         total_loss(losses).backward()
         opt.step()
+    step.checkpoint = lambda: {"model": student.state_dict(), "optimizer": opt.state_dict()}
     return step, state
+
+
+# --memory: (label, variant, placement, queue dtype, queues in checkpoints)
+MEMORY_VARIANTS = [("KD", "kd", None, "float32", True),
+                   ("CDD, authors' placement, float32 queues", "cdd", "paper", "float32", True),
+                   ("CDD, authors' placement, bfloat16 queues", "cdd", "paper", "bfloat16", True),
+                   ("CDD, authors' placement, queues left out", "cdd", "paper", "float32", False),
+                   ("CDD, all sites, float32 queues", "cdd", "all", "float32", True),
+                   ("CDD, all sites, bfloat16 queues", "cdd", "all", "bfloat16", True)]
+
+
+def _memory_child(index, arch, size, batch, classes, queue, steps=2):
+    """One variant in a fresh process: peak resident memory over ``steps`` training steps and
+    the size of the checkpoint (model + optimizer state, which carries CDD's) it would write."""
+    import resource
+    import tempfile
+    _, variant, sites, dtype, keep = MEMORY_VARIANTS[index]
+    torch.manual_seed(0)
+    teacher = ReIDNet(arch, classes).eval()
+    x = torch.randn(batch, 3, *size)
+    y = torch.arange(batch) % (batch // 4)
+    step, _ = _variant_step(variant, teacher, x, y, queue, sites=sites, queue_dtype=dtype, checkpoint_queues=keep)
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kB on Linux
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ckpt.pth")
+        torch.save(step.checkpoint(), path)
+        size_b = os.path.getsize(path)
+    return {"peak_rss_bytes": peak, "checkpoint_bytes": size_b}
+
+
+def bench_memory(arch, size, batch, classes, queue):
+    """Peak training memory and checkpoint size of every MEMORY_VARIANTS row, each in its own
+    process (a process's peak never goes down, so variants cannot share one)."""
+    import subprocess
+    rows = []
+    for i, (label, *_rest) in enumerate(MEMORY_VARIANTS):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", str(i), "--arch", arch,
+               "--input", f"{size[0]}x{size[1]}", "--batch", str(batch), "--queue", str(queue)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"memory measurement of {label!r} failed:\n{out.stderr[-2000:]}")
+        rows.append({"variant": label, **json.loads(out.stdout.strip().splitlines()[-1])})
+    kd = rows[0]
+    for r in rows:
+        r["checkpoint_extra_bytes"] = r["checkpoint_bytes"] - kd["checkpoint_bytes"]
+        r["peak_rss_extra_bytes"] = r["peak_rss_bytes"] - kd["peak_rss_bytes"]
+    return rows
 
 
 def bench_step(arch, size, batch, classes, repeats, queue):
@@ -199,8 +254,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sites", choices=["all", "paper"], default="all", help="compactor placement: every exactly "
                     "foldable set (the figures in RESULTS.md) or the authors' one per residual block")
+    ap.add_argument("--memory", action="store_true", help="only [5]: peak training memory and checkpoint size")
+    ap.add_argument("--queue", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     h, w = (int(v) for v in args.input.lower().split("x"))
+    if args.memory_child is not None:
+        print(json.dumps(_memory_child(args.memory_child, args.arch, (h, w), args.batch, 751, args.queue)))
+        return 0
     if args.quick:
         size, batch, repeats, queue, channels, runs = (128, 64), 8, 3, 4000, [64, 256], 5
     else:
@@ -209,6 +270,10 @@ def main(argv=None) -> int:
              f"{torch.get_num_threads()} threads"
     print(f"cdd_plugin speed benchmark ({'quick' if args.quick else 'full'}) on {device}")
     res = {"device": device, "quick": args.quick}
+
+    if args.memory:
+        _report_memory(res, args.arch, size, batch, queue)
+        return _write(res, args.json)
 
     print(f"\n[1] training step, {args.arch} {size[0]}x{size[1]}, batch {batch}, queues full "
           f"(median of 2 rounds x {max(1, repeats // 2)} steps)")
@@ -244,10 +309,26 @@ def main(argv=None) -> int:
     res["merge"] = bench_merge(["resnet50", "resnet101"] if not args.quick else ["resnet50"], size, 1 if args.quick else 3)
     for r in res["merge"]:
         print(f"    {r['arch']:<10} {r['merge_s']:.2f} s  (target < 5 s for resnet50)")
-    if args.json:
-        with open(args.json, "w") as f:
+    _report_memory(res, args.arch, size, batch, queue)
+    return _write(res, args.json)
+
+
+def _report_memory(res, arch, size, batch, queue):
+    print(f"\n[5] peak training memory and checkpoint size, {arch} {size[0]}x{size[1]}, batch {batch}, queues full "
+          f"at {queue} (each variant in its own process)")
+    res["memory"] = bench_memory(arch, size, batch, 751, queue)
+    mb = 2 ** 20
+    for r in res["memory"]:
+        print(f"    {r['variant']:<44} peak RSS {r['peak_rss_bytes'] / mb:7.0f} MiB ({r['peak_rss_extra_bytes'] / mb:+6.0f})"
+              f"   checkpoint {r['checkpoint_bytes'] / mb:6.0f} MiB ({r['checkpoint_extra_bytes'] / mb:+6.0f} vs KD)")
+    print("    target: the authors' placement's checkpoint at most 250 MB (238 MiB) larger than KD's")
+
+
+def _write(res, path):
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=2)
-        print(f"\nwrote {args.json}")
+        print(f"\nwrote {path}")
     return 0
 
 
