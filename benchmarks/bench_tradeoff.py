@@ -472,12 +472,13 @@ class Runner:
             rec = self.run_cdd(row, self._cdd_cfg(lam, "none"), end_cut=ref)
         elif row in ABLATIONS:
             over = dict(ABLATIONS[row])
+            live = over.pop("lasso", lam)
             if row == "abl_live_lasso_paper":  # only masked rows get the schedule-scaled pull
                 over["masked_lasso"] = lam
             S2 = copy.deepcopy(S)
             if "feat_tap" in over:
                 S2.feat_tap = over.pop("feat_tap")
-            rec = self.run_cdd(row, self._cdd_cfg(lam, flops_target=S.flops_target or None, **over), settings=S2)
+            rec = self.run_cdd(row, self._cdd_cfg(live, flops_target=S.flops_target or None, **over), settings=S2)
         elif row == "tp":
             rec = self.tp(ref)
         elif row == "tp_sparse":
