@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .config import QUEUE_DTYPES
+
 logger = logging.getLogger("cdd_plugin")
 
 
@@ -100,7 +102,7 @@ def select_unimportant_loop(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor
     return mask
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in QUEUE_DTYPES}   # the names CDDConfig.queue_dtype accepts
 _FP16_MAX = 65504.0
 
 

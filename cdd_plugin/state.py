@@ -111,7 +111,7 @@ class CDDState:
 
     def queue_bytes(self) -> int:
         """Bytes the memory queues take once full (rows in ``queue_dtype`` plus float32 norms)."""
-        per = {"float32": 4, "bfloat16": 2, "float16": 2}[self.cfg.queue_dtype]
+        per = getattr(torch, self.cfg.queue_dtype).itemsize
         return sum(self.cfg.queue_size * (s.channels * per + 4) for s in self.sites)
 
     def report(self) -> str:
