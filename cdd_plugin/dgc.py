@@ -9,11 +9,17 @@ A DGC is an identity-initialised channel mixer placed on one prunable channel se
 * ``kind="diag"``: a per-channel scale, for depthwise chains where a channel-mixing matrix
   could not be folded; its "group" is a single weight.
 
+Channel sets that pass through a grouped convolution (ResNeXt, RegNet) carry ``groups``: merge
+keeps the same number of channels in every group, so the cut conv is still a valid grouped
+conv, and a compactor behind a grouped PRODUCER is block-diagonal (``blocks``), so folding it
+into that conv does not mix its groups.
+
 The module is attached with hooks (see ``surgery``) so the user's module names and
 checkpoint keys stay as they were: a DGC lives at ``<host>.cdd_dgc``.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -37,17 +43,44 @@ def kept_count(kept: int, channels: int, min_channels: int = 1, round_to: int = 
     return min(n, channels)
 
 
+def kept_per_group(alive: torch.Tensor, groups: int, min_channels: int = 1, round_to: int = 1) -> int:
+    """Channels EACH group of a grouped site keeps after merge: the most any group needs (merge pads
+    the others with rows that are already zero, which keeps the cut exact), with the site's total
+    at least ``min_channels`` and a multiple of ``round_to``."""
+    per = alive.reshape(groups, -1)
+    size = per.shape[1]
+    m = max(int(per.sum(dim=1).max().item()), -(-min(int(min_channels), alive.numel()) // groups))
+    if round_to > 1:
+        step = round_to // math.gcd(round_to, groups)
+        m = -(-m // step) * step
+    return min(m, size)
+
+
+def site_kept(alive: torch.Tensor, groups: int = 1, min_channels: int = 1, round_to: int = 1) -> int:
+    """Channels merge keeps at a site, given which of them are alive (a bool vector)."""
+    if groups > 1:
+        return groups * kept_per_group(alive, groups, min_channels, round_to)
+    return kept_count(int(alive.sum().item()), alive.numel(), min_channels, round_to)
+
+
 class DGC(nn.Module):
     """Identity-initialised compactor over ``channels`` channels (see module docstring)."""
 
-    def __init__(self, channels: int, kind: str = "out") -> None:
+    def __init__(self, channels: int, kind: str = "out", blocks: int = 1) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"DGC kind {kind!r} is unknown; use one of {KINDS}")
         if channels < 1:
             raise ValueError(f"a DGC needs at least one channel, got {channels}")
+        if blocks < 1 or channels % blocks or (blocks > 1 and kind != "out"):
+            raise ValueError(f"a block-diagonal DGC needs kind 'out' and channels ({channels}) divisible by its "
+                             f"blocks ({blocks})")
         self.kind = kind
         self.channels = int(channels)
+        self.blocks = int(blocks)
+        if blocks > 1:  # entries outside the diagonal blocks get no gradient and stay exactly zero
+            size = channels // blocks
+            self.register_buffer("block_mask", torch.block_diag(*[torch.ones(size, size)] * blocks), persistent=False)
         if kind == "diag":
             self.weight = nn.Parameter(torch.ones(channels))
         else:
@@ -58,7 +91,7 @@ class DGC(nn.Module):
         self.last_pooled: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kind={self.kind}"
+        return f"channels={self.channels}, kind={self.kind}" + (f", blocks={self.blocks}" if self.blocks > 1 else "")
 
     def reset_identity(self) -> None:
         """Restore the identity (frameworks whose ``init_weights`` re-initialise every parameter)."""
@@ -70,6 +103,8 @@ class DGC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if self.blocks > 1:
+            w = w * self.block_mask.to(w.dtype)
         if x.dtype != w.dtype:
             w = w.to(x.dtype)
         if self.kind == "diag":
@@ -86,7 +121,7 @@ class DGC(nn.Module):
     # -- the channel groups of the lasso -------------------------------------------------
     def channel_norms(self) -> torch.Tensor:
         """One group norm per prunable channel (rows for "out", columns for "in", |w| for "diag")."""
-        w = self.weight.detach()
+        w = self.matrix() if self.blocks > 1 else self.weight.detach()
         if self.kind == "diag":
             return w.abs()
         return w.norm(dim=1) if self.kind == "out" else w.norm(dim=0)
@@ -145,8 +180,10 @@ class DGC(nn.Module):
         return self
 
     def matrix(self) -> torch.Tensor:
-        """The compactor as a dense C x C matrix (diagonal kinds included)."""
+        """The compactor as a dense C x C matrix (diagonal and block-diagonal kinds included)."""
         w = self.weight.detach()
+        if self.blocks > 1:
+            return w * self.block_mask.to(w.dtype)
         return torch.diag(w) if self.kind == "diag" else w
 
 

@@ -11,7 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .dgc import DGC, kept_count, strip_cdd_hooks
+from .dgc import DGC, kept_count, kept_per_group, strip_cdd_hooks
 from .graph import (SurgeryError, build_graph, check_inputs, find_dgcs, flat_tensors, get_module, run, set_module,
                     to_double)
 from .surgery import detach
@@ -42,8 +42,18 @@ def _set_weight_bias(layer: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor
 
 def _zero_channels(dgc: DGC, threshold: float, min_keep: int, round_to: int = 1) -> List[int]:
     """The rows merge cuts: those below ``threshold``, less the largest of them needed to keep
-    ``kept_count`` rows (at least ``min_keep``, a multiple of ``round_to``)."""
+    ``kept_count`` rows (at least ``min_keep``, a multiple of ``round_to``); for a grouped site,
+    the same count in every group (``kept_per_group``)."""
     norms = dgc.channel_norms()
+    groups = int(getattr(dgc, "groups", 1))
+    if groups > 1:
+        size = dgc.channels // groups
+        m = kept_per_group((norms >= threshold).cpu(), groups, min_keep, round_to)
+        cut: List[int] = []
+        for j in range(groups):
+            order = sorted(range(j * size, (j + 1) * size), key=lambda c: (-float(norms[c]), c))
+            cut.extend(order[m:])  # the group's m largest rows stay, the rest (all below threshold) go
+        return sorted(cut)
     below = (norms < threshold).nonzero().flatten().tolist()
     keep = kept_count(dgc.channels - len(below), dgc.channels, min_keep, round_to)
     extra = keep - (dgc.channels - len(below))
@@ -226,7 +236,10 @@ def _build_merged(model: nn.Module, plan, example_inputs, customized_pruners, fo
                 layer = get_module(work, site["host"])
             else:
                 layer = get_module(work, site["depthwise"] or site["producer"])
-            group = DG.get_pruning_group(layer, _prune_fn(layer, site["kind"]), sorted(zero))
+            fn = _prune_fn(layer, site["kind"])
+            if site.get("groups", 1) > 1:
+                zero = _align_groups(DG, layer, fn, site, zero)
+            group = DG.get_pruning_group(layer, fn, sorted(zero))
             group.prune()
     strip_cdd_hooks(work)
     work.eval()
@@ -235,6 +248,44 @@ def _build_merged(model: nn.Module, plan, example_inputs, customized_pruners, fo
             delattr(work, attr)
     work._cdd_merged = True
     return work
+
+
+@torch.no_grad()
+def _align_groups(DG: tp.DependencyGraph, layer: nn.Module, fn, site: dict, zero: List[int]) -> List[int]:
+    """Reorder a grouped site's channels within each group so that the cut rows sit at the same
+    offsets in every group (torch-pruning cuts a grouped conv's inputs by offset within the group);
+    the function is unchanged: every layer that reads or writes the set is permuted alike. Returns
+    the cut rows' new positions."""
+    groups, channels = int(site["groups"]), int(site["channels"])
+    size = channels // groups
+    cut = set(zero)
+    perm: List[int] = []
+    for j in range(groups):
+        members = range(j * size, (j + 1) * size)
+        perm.extend([c for c in members if c not in cut] + [c for c in members if c in cut])
+    p = torch.as_tensor(perm, dtype=torch.long)
+    for item in DG.get_pruning_group(layer, fn, list(range(channels))):
+        mod, handler = item.dep.target.module, item.dep.handler
+        if not isinstance(mod, nn.Module) or not any(True for _ in mod.parameters(recurse=False)):
+            continue  # activations, additions and other parameter-free operations
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_out_channel_pruning_fn(handler):
+            idx = p.to(mod.weight.device)
+            mod.weight = nn.Parameter(mod.weight.detach()[idx].contiguous())
+            if mod.bias is not None:
+                mod.bias = nn.Parameter(mod.bias.detach()[idx].contiguous())
+        elif isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_in_channel_pruning_fn(handler):
+            w = mod.weight.detach()
+            g = getattr(mod, "groups", 1)
+            if g == 1:
+                w = w[:, p.to(w.device)]
+            else:  # row block j reads input group j: permute its columns by group j's own order
+                rows, local = w.shape[0] // g, p.view(g, -1) - torch.arange(g)[:, None] * size
+                w = torch.cat([w[j * rows:(j + 1) * rows][:, local[j].to(w.device)] for j in range(g)])
+            mod.weight = nn.Parameter(w.contiguous())
+        else:
+            raise MergeError(f"the grouped channel set of {site['name']} also reaches {type(mod).__name__}, which "
+                             "merge cannot reorder; train with that layer in insert_dgc(..., ignored_layers=[...])")
+    return [j * size + k for j in range(groups) for k in range(size - len(cut) // groups, size)]
 
 
 @torch.no_grad()

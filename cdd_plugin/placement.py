@@ -5,6 +5,8 @@ site, or a stated reason why not. Rules only; attaching, probing and the transac
 * producer -> BatchNorm (or no norm) -> ...      : output-side DGC after the norm
 * producer -> InstanceNorm / IBN-like -> consumer : input-side DGC before the consumer
 * producer -> ... depthwise conv (-> BN) -> ...   : diagonal DGC after the depthwise norm
+* producer -> BN -> ... grouped conv            : as above, with ``groups``: merge keeps the same
+  number of channels in each group (a grouped producer gets a block-diagonal compactor)
 * channels tied across several producers (a residual addition): skipped, as in the paper
 * ``sites='paper'``: of those, only the set that feeds a residual block's last convolution
 """
@@ -34,12 +36,14 @@ class DGCSite:
     consumers: List[str] = field(default_factory=list)
     tap: Tuple[str, str] = ("", "output")   # where the matching teacher feature is read
     consumer_shares: Dict[str, int] = field(default_factory=dict)  # input features of each consumer from this set
+    groups: int = 1                # the set passes through grouped convs: cut the same count in each group
+    blocks: int = 1                # the producer is grouped: the compactor is block-diagonal (``groups`` blocks)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "channels": self.channels, "host": self.host,
                 "producer": self.producer, "norm": self.norm, "depthwise": self.depthwise,
                 "consumers": list(self.consumers), "tap": list(self.tap),
-                "consumer_shares": dict(self.consumer_shares)}
+                "consumer_shares": dict(self.consumer_shares), "groups": self.groups, "blocks": self.blocks}
 
 
 @dataclass
@@ -121,9 +125,21 @@ class Planner:
         if channels < 2:
             return skip("the layer has a single output channel")
         grouped = [m for m in consumers + [producer] if is_grouped(m)]
+        groups = 1
         if grouped:
-            return skip(f"grouped convolution {names(grouped)[0]} (groups={grouped[0].groups}) cannot lose "
-                        "arbitrary channels without breaking its group structure", [pname])
+            counts = sorted({m.groups for m in grouped})
+            if len(counts) > 1:
+                return skip(f"grouped convolutions {', '.join(names(grouped)[:3])} split these channels into "
+                            f"{' and '.join(map(str, counts))} groups; no cut keeps every one of them balanced",
+                            [pname])
+            groups = counts[0]
+            narrow = [m for m in grouped if m is not producer and m.in_channels != channels]
+            if narrow:
+                return skip(f"the grouped convolution {names(narrow)[0]} sees {narrow[0].in_channels} input "
+                            f"channels, of which these {channels} are a part (concatenation); a balanced cut "
+                            "needs them alone", [pname])
+            if depthwise:
+                return skip("a channel set through both grouped and depthwise convolutions is not supported", [pname])
         bad_norm = [m for m in norms if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
         if bad_norm:
             return skip(f"{type(bad_norm[0]).__name__} {names(bad_norm)[0]} normalises across channels; removing "
@@ -146,10 +162,15 @@ class Planner:
                            consumers=consumer_names, tap=(hname, "output")), None
         outs = self._node_outputs(producer)
         first = outs[0] if len(outs) == 1 else None
+        blocks = groups if is_grouped(producer) else 1
         if isinstance(first, nn.Module) and foldable_bn(first):
             hname = self.name_of[first]
             return DGCSite(name=f"{hname}.{DGC_ATTR}", kind="out", channels=channels, host=hname, producer=pname,
-                           norm=hname, consumers=consumer_names, tap=(hname, "output")), None
+                           norm=hname, consumers=consumer_names, tap=(hname, "output"), groups=groups,
+                           blocks=blocks), None
+        if norms and groups > 1:
+            return skip(f"the producer's {type(norms[0]).__name__} cannot be folded into it, and an input-side "
+                        "compactor on channels through a grouped convolution is not supported", [pname])
         if norms:
             # a norm that cannot be folded backward (InstanceNorm, IBN, a BatchNorm after the activation):
             # compact on the single dense consumer's input instead and fold forward
@@ -165,7 +186,7 @@ class Planner:
             return DGCSite(name=f"{cname}.{DGC_ATTR}", kind="in", channels=channels, host=cname, producer=pname,
                            consumers=consumer_names, tap=(cname, "input")), None
         return DGCSite(name=f"{pname}.{DGC_ATTR}", kind="out", channels=channels, host=pname, producer=pname,
-                       consumers=consumer_names, tap=(pname, "output")), None
+                       consumers=consumer_names, tap=(pname, "output"), groups=groups, blocks=blocks), None
 
 
 def paper_sites(sites: List[DGCSite], coupled: set) -> Tuple[List[DGCSite], List[Skipped]]:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import CDDConfig
-from .dgc import DGC, kept_count
+from .dgc import DGC, kept_count, site_kept
 from .flops import FlopsModel
 from .criteria import build_criterion
 from .rggr import MemoryQueue
@@ -71,11 +71,11 @@ class CDDState:
     def kept_channels(self) -> Dict[str, int]:
         """Channels merge would keep now (group norm not below the threshold; at least ``min_channels``).
         A NaN norm counts as kept, as merge counts it (and merge refuses non-finite compactors)."""
-        out = {}
-        for n, d in self.compactors.items():
-            kept = int((~(d.channel_norms() < self.cfg.threshold)).sum().item())
-            out[n] = kept_count(kept, d.channels, self.cfg.min_channels, self.cfg.round_to)
-        return out
+        return {n: self._kept(d, ~(d.channel_norms() < self.cfg.threshold)) for n, d in self.compactors.items()}
+
+    def _kept(self, d: DGC, alive: torch.Tensor) -> int:
+        """Channels merge keeps at ``d``'s site when ``alive`` (bool per channel) survive the cut."""
+        return site_kept(alive.cpu(), getattr(d, "groups", 1), self.cfg.min_channels, self.cfg.round_to)
 
     def predicted_flops(self, kept: Optional[Dict[str, int]] = None) -> int:
         """FLOPs (torch-pruning's count) of the model ``merge`` would produce now."""
@@ -84,8 +84,10 @@ class CDDState:
 
     def planned_flops(self) -> int:
         """FLOPs once every masked channel has reached zero."""
-        return self.predicted_flops({n: kept_count(a, self.compactors[n].channels, self.cfg.min_channels,
-                                                   self.cfg.round_to) for n, a in self.active_channels().items()})
+        return self.predicted_flops(self._planned_kept())
+
+    def _planned_kept(self) -> Dict[str, int]:
+        return {n: self._kept(d, d.mask.bool()) for n, d in self.compactors.items()}
 
     def dense_flops(self) -> int:
         return self.flops_model.dense()
@@ -124,7 +126,9 @@ class CDDState:
         lines.append(f"  {'site'.ljust(w)}  kind  channels  folds into / tap")
         for s in self.sites:
             into = s.consumers[0] if s.kind == "in" else (s.depthwise or s.producer)
-            lines.append(f"  {s.name.ljust(w)}  {s.kind:<4}  {s.channels:>8}  {into} / {s.tap[0]}:{s.tap[1]}")
+            grouped = (f"  ({s.groups} groups kept balanced" + (", block-diagonal" if s.blocks > 1 else "") + ")"
+                       if s.groups > 1 else "")
+            lines.append(f"  {s.name.ljust(w)}  {s.kind:<4}  {s.channels:>8}  {into} / {s.tap[0]}:{s.tap[1]}{grouped}")
         if self.skipped:
             lines.append(f"  skipped ({len(self.skipped)}):")
             for sk in self.skipped:
@@ -210,7 +214,7 @@ class CDDState:
     @torch.no_grad()
     def on_step(self) -> None:
         """Advance the schedule by one optimizer step, refreshing masks when due."""
-        if self._due() and not self._flops_met(self.active_channels()):
+        if self._due() and not self._flops_met(self._planned_kept()):
             proposals = self.criterion.propose(self)
             if proposals:
                 n = self._apply(proposals)
@@ -299,18 +303,18 @@ class CDDState:
         return snapped
 
     # -- mask criteria -------------------------------------------------------------------
-    def _flops_met(self, active: Dict[str, int]) -> bool:
+    def _flops_met(self, kept: Dict[str, int]) -> bool:
         target = self.cfg.flops_target
         if target is None:
             return False
-        kept = {n: kept_count(a, self.compactors[n].channels, self.cfg.min_channels, self.cfg.round_to)
-                for n, a in active.items()}
         return self.predicted_flops(kept) <= target * self.dense_flops()
 
     def _apply(self, proposals: List[Tuple[float, str, int]]) -> int:
-        """Mask proposed (score, site, channel) in ascending score order, within the budget."""
+        """Mask proposed (score, site, channel) in ascending score order, within the budget (a grouped
+        site's budget counts the widest group: merge keeps that many channels in every group)."""
         active = self.active_channels()
-        if self._flops_met(active):
+        kept = self._planned_kept()
+        if self._flops_met(kept):
             return 0
         added = 0
         for _, name, c in sorted(proposals):
@@ -319,8 +323,10 @@ class CDDState:
                 continue
             d.mask[c] = 0.0
             active[name] -= 1
+            kept[name] = (self._kept(d, d.mask.bool()) if getattr(d, "groups", 1) > 1 else
+                          kept_count(active[name], d.channels, self.cfg.min_channels, self.cfg.round_to))
             added += 1
-            if self._flops_met(active):
+            if self._flops_met(kept):
                 break
         return added
 

@@ -184,7 +184,7 @@ def _isolate_forward_failures(model: nn.Module, sites: List[DGCSite], x, forward
     why = f"the model's forward fails with a compactor here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     for site in sites:
         trial = copy.deepcopy(bare)
-        attach(trial, site, DGC(site.channels, site.kind))
+        attach(trial, site, DGC(site.channels, site.kind, site.blocks))
         trial = trial.double()
         trial.eval()
         try:
@@ -335,7 +335,7 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
                            "ResNet blocks); check ignored_layers and that example_inputs reach the backbone.")
     param = next(model.parameters())
     for site in sites:
-        attach(model, site, DGC(site.channels, site.kind).to(device=param.device, dtype=param.dtype))
+        attach(model, site, DGC(site.channels, site.kind, site.blocks).to(device=param.device, dtype=param.dtype))
         attached.append(site.host)
     failures = _probe(model, sites, DG, example_inputs, forward_fn)
     if failures:
@@ -352,6 +352,7 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
         dgc.threshold = float(cfg.threshold)
         dgc.min_channels = int(cfg.min_channels)
         dgc.round_to = int(cfg.round_to)
+        dgc.groups = int(site.groups)
         dgc.decay = bool(cfg.decay_compactors)
     model._cdd_example_inputs = detach_inputs(example_inputs)
     model._cdd_customized_pruners = customized_pruners
