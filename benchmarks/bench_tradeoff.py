@@ -52,7 +52,8 @@ changed): ``abl_feat_after`` (feature term after the compactor), ``abl_no_decay`
 from weight decay), ``abl_no_snap`` (no proximal snap), ``abl_mask_late`` (masks from 1/3 of the
 budget), ``abl_ratio_authors`` (p = 0.5), ``abl_sites_authors`` / ``abl_sites_all`` (placement),
 ``abl_live_lasso_paper`` (the paper's 0.004 on the rows that still learn, the chosen scaled lasso on
-masked rows only: ``CDDConfig.masked_lasso``).
+masked rows only: ``CDDConfig.masked_lasso``), ``abl_live_lasso_p09`` (the same with p = 0.9, so
+masks grow faster under the weak live pull).
 
 The lasso (METHOD.md section 6): the paper's 0.004 covers ~39,350 iterations after the mask start;
 the lasso's travel scales with iterations x LR x lambda, so the scaled value is 0.004 x 39,350 /
@@ -108,7 +109,8 @@ ROWS = ["teacher", "kd_heavy", "cdd_rggr", "cdd_rggr_all", "cdd_norm", "cdd_lass
 ABLATIONS = {"abl_feat_after": dict(feat_tap="after"), "abl_no_decay": dict(decay_compactors=False),
              "abl_no_snap": dict(snap_to_zero=False), "abl_mask_late": dict(mask_start_frac=40 / 120),
              "abl_ratio_authors": dict(ratio=0.5), "abl_sites_authors": dict(sites="paper"),
-             "abl_sites_all": dict(sites="all"), "abl_live_lasso_paper": dict(lasso=0.004)}
+             "abl_sites_all": dict(sites="all"), "abl_live_lasso_paper": dict(lasso=0.004),
+             "abl_live_lasso_p09": dict(lasso=0.004, ratio=0.9)}
 LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CDD + RGGR (authors' placement)",
           "cdd_rggr_all": "CDD + RGGR, all sites", "cdd_norm": "CDD + norm (ResRep)",
           "cdd_lasso": "CDD, lasso only + cut", "tp": "torch-pruning one-shot + KD",
@@ -118,7 +120,8 @@ LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CD
           "abl_mask_late": "ablation: masks from 1/3 of the budget",
           "abl_ratio_authors": "ablation: the authors' ratio p = 0.5", "abl_sites_authors": "ablation: the authors' placement",
           "abl_sites_all": "ablation: every channel set (sites='all')",
-          "abl_live_lasso_paper": "ablation: the paper's lasso on live rows, the scaled one on masked rows"}
+          "abl_live_lasso_paper": "ablation: the paper's lasso on live rows, the scaled one on masked rows",
+          "abl_live_lasso_p09": "ablation: as the row above, with p = 0.9 (masks grow faster)"}
 COMPRESSING = ["cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -134,6 +137,26 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 def default_cache() -> Path:
     return Path(os.environ.get("CDD_BENCH_CACHE") or Path.home() / ".cache" / "cdd_plugin" / "tradeoff")
+
+
+#: CDDConfig fields added after the study's cache was first written, at the value that changes nothing;
+#: a key leaves them out at that value, so a new setting does not invalidate hours of cached rows
+_KEY_NEUTRAL = {"round_to": 1, "masked_lasso": None, "queue_dtype": "float32"}
+#: fields that never change a training run (what a checkpoint holds)
+_KEY_IGNORED = ("checkpoint_queues",)
+
+
+def _cfg_keys(cfg: cdd_plugin.CDDConfig) -> List[dict]:
+    """The config as cache keys see it: the canonical form first, then the forms rows cached by
+    earlier versions were written under (each subset of the neutral fields present)."""
+    full = {k: v for k, v in cfg.to_dict().items() if k not in _KEY_IGNORED}
+    neutral = [k for k, v in _KEY_NEUTRAL.items() if k in full and full[k] == v]
+    out = []
+    for mask in range(2 ** len(neutral)):
+        drop = {k for i, k in enumerate(neutral) if not mask >> i & 1}
+        out.append({k: v for k, v in full.items() if k not in drop})
+    out.append(cfg.to_dict())
+    return out
 
 
 class Cache:
@@ -375,13 +398,16 @@ class Runner:
                 end_cut: Optional[float] = None, key_extra: Optional[dict] = None) -> dict:
         """Train one CDD student from the heavy pretraining with ``cfg``, merge, evaluate (cached)."""
         S = settings or self.S
-        key = self.key(name, S.CDD_FIELDS, teacher=self.key("teacher", self.S.TRAIN_FIELDS), cfg=cfg.to_dict(),
-                       end_cut=end_cut, **(key_extra or {}))
-        rec = self.cache.load(name, key)
-        if rec is not None:
-            logger.info("%s: from the cache: test mAP %.2f, validation mAP %.2f, FLOPs %.1f%%", name,
-                        rec["result"]["mAP"], rec["result"]["val_mAP"], 100 * rec["result"]["flops_vs_heavy"])
-            return rec
+        teacher_key = self.key("teacher", self.S.TRAIN_FIELDS)
+        keys = [self.key(name, S.CDD_FIELDS, teacher=teacher_key, cfg=c, end_cut=end_cut, **(key_extra or {}))
+                for c in _cfg_keys(cfg)]
+        key = keys[0]
+        for k in keys:
+            rec = self.cache.load(name, k)
+            if rec is not None:
+                logger.info("%s: from the cache: test mAP %.2f, validation mAP %.2f, FLOPs %.1f%%", name,
+                            rec["result"]["mAP"], rec["result"]["val_mAP"], 100 * rec["result"]["flops_vs_heavy"])
+                return rec
         teacher = self.teacher()
         t0 = self._begin(name)
         try:
@@ -473,7 +499,7 @@ class Runner:
         elif row in ABLATIONS:
             over = dict(ABLATIONS[row])
             live = over.pop("lasso", lam)
-            if row == "abl_live_lasso_paper":  # only masked rows get the schedule-scaled pull
+            if row.startswith("abl_live_lasso"):  # only masked rows get the schedule-scaled pull
                 over["masked_lasso"] = lam
             S2 = copy.deepcopy(S)
             if "feat_tap" in over:
