@@ -66,7 +66,7 @@ def site_kept(alive: torch.Tensor, groups: int = 1, min_channels: int = 1, round
 class DGC(nn.Module):
     """Identity-initialised compactor over ``channels`` channels (see module docstring)."""
 
-    def __init__(self, channels: int, kind: str = "out", blocks: int = 1) -> None:
+    def __init__(self, channels: int, kind: str = "out", blocks: int = 1, channels_last: bool = False) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"DGC kind {kind!r} is unknown; use one of {KINDS}")
@@ -78,6 +78,8 @@ class DGC(nn.Module):
         self.kind = kind
         self.channels = int(channels)
         self.blocks = int(blocks)
+        # channels on the last dim (the output of a Linear layer: transformer MLPs, ConvNeXt blocks) instead of dim 1
+        self.channels_last = bool(channels_last)
         if blocks > 1:  # entries outside the diagonal blocks get no gradient and stay exactly zero
             size = channels // blocks
             self.register_buffer("block_mask", torch.block_diag(*[torch.ones(size, size)] * blocks), persistent=False)
@@ -91,7 +93,8 @@ class DGC(nn.Module):
         self.last_pooled: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kind={self.kind}" + (f", blocks={self.blocks}" if self.blocks > 1 else "")
+        return (f"channels={self.channels}, kind={self.kind}" + (f", blocks={self.blocks}" if self.blocks > 1 else "")
+                + (", channels_last" if self.channels_last else ""))
 
     def reset_identity(self) -> None:
         """Restore the identity (frameworks whose ``init_weights`` re-initialise every parameter)."""
@@ -108,14 +111,15 @@ class DGC(nn.Module):
         if x.dtype != w.dtype:
             w = w.to(x.dtype)
         if self.kind == "diag":
-            shape = [1, self.channels] + [1] * (x.dim() - 2)
+            shape = [1] * (x.dim() - 1) + [self.channels] if self.channels_last else \
+                [1, self.channels] + [1] * (x.dim() - 2)
             y = x * w.view(shape)
-        elif x.dim() == 2:
+        elif x.dim() == 2 or self.channels_last:
             y = F.linear(x, w)
         else:
             y = F.conv2d(x, w[:, :, None, None]) if x.dim() == 4 else torch.einsum("oc,nc...->no...", w, x)
         if self.capture:
-            self.last_pooled = (y.detach().flatten(2).mean(-1) if y.dim() > 2 else y.detach()).float()
+            self.last_pooled = _pool(y.detach(), self.channels_last).float()
         return y
 
     # -- the channel groups of the lasso -------------------------------------------------
@@ -198,21 +202,25 @@ def apply_input_dgc(module: nn.Module, inputs):
     return (module.cdd_dgc(inputs[0]),) + tuple(inputs[1:])
 
 
-def _pool(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+def _pool(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """[batch, channels]: the mean over every position (pixels; tokens when the channels are last,
+    the class token included: every token goes through the compacted layer)."""
+    if x.dim() <= 2:
+        return x
+    return x.flatten(1, -2).mean(1) if channels_last else x.flatten(2).mean(-1)
 
 
 def tap_output(module: nn.Module, inputs, output):
     """Forward hook of the distiller: while it collects, keep the pooled output on the module
     itself (so copies of a model tap into their own modules, and nothing is kept otherwise)."""
     if module.__dict__.get("_cdd_tap_on"):
-        module._cdd_tap = _pool(output)
+        module._cdd_tap = _pool(output, isinstance(module, nn.Linear))
 
 
 def tap_input(module: nn.Module, inputs):
     """Forward pre-hook of the distiller (runs after a DGC pre-hook: sees the compacted input)."""
     if module.__dict__.get("_cdd_tap_on"):
-        module._cdd_tap = _pool(inputs[0])
+        module._cdd_tap = _pool(inputs[0], isinstance(module, nn.Linear))
 
 
 CDD_HOOKS = (apply_output_dgc, apply_input_dgc, tap_output, tap_input)

@@ -88,27 +88,33 @@ class FlopsModel:
                 if target.bias is None:
                     gains_bias[id(target)] = i
         dgc_site = {id(get_module(model, s.name)): index[s.name] for s in sites}
+        last_axis = {index[s.name] for s in sites if s.channels_last}
 
         c0 = 0.0
         a = np.zeros(S)
         Bm = np.zeros((S, S))
         batch = _batch_size(example_inputs)  # torch-pruning reports FLOPs per image
-        # channel composition of traced tensors along dim 1: [(site or None, channels), ...]
+        # channel composition of traced tensors along their channel axis (1, or -1 after a Linear layer):
+        # [(site or None, channels), ...]
         segments: Dict[int, List[tuple]] = {}
+        axes: Dict[int, int] = {}
         keep: List[torch.Tensor] = []
 
-        def mark(t, segs):
+        def mark(t, segs, axis=1):
             if isinstance(t, torch.Tensor) and segs is not None:
                 segments[id(t)] = segs
+                axes[id(t)] = axis
                 keep.append(t)
 
-        def whole(t, i):
-            return None if i is None or not isinstance(t, torch.Tensor) or t.dim() < 2 else [(i, t.shape[1])]
+        def whole(t, i, axis=1):
+            return None if i is None or not isinstance(t, torch.Tensor) or t.dim() < 2 else [(i, t.shape[axis])]
 
         def hook(module, inputs, output):
             nonlocal c0
             if id(module) in dgc_site:
-                mark(output, whole(output, dgc_site[id(module)]))
+                i = dgc_site[id(module)]
+                axis = -1 if i in last_axis else 1
+                mark(output, whole(output, i, axis), axis)
                 return
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
             fl = _call_flops(module, inputs, output)
@@ -142,12 +148,14 @@ class FlopsModel:
                             a[i] += mac * w / (in_total * C[i])
                 if id(module) in gains_bias and supported:
                     a[gains_bias[id(module)]] += per_ch
-                mark(output, whole(output, o))
+                axis = -1 if isinstance(module, nn.Linear) else 1
+                mark(output, whole(output, o, axis), axis)
                 return
             if id(module) in folded_norms:
                 mark(output, whole(output, out_site[id(module)]))
                 return
             own = out_site.get(id(module))
+            axis = axes.get(id(x), 1) if x is not None else 1
             segs = whole(output, own) if own is not None else (segments.get(id(x)) if x is not None else None)
             total = sum(n for _, n in segs) if segs else 0
             if segs and total:
@@ -158,8 +166,8 @@ class FlopsModel:
                         a[i] += fl * n / (total * C[i])
             else:
                 c0 += fl
-            if segs and isinstance(output, torch.Tensor) and output.dim() > 1 and output.shape[1] == total:
-                mark(output, segs)
+            if segs and isinstance(output, torch.Tensor) and output.dim() > 1 and output.shape[axis] == total:
+                mark(output, segs, axis)
 
         class _CatTracker(TorchFunctionMode):
             """Carries channel composition through torch.cat along dim 1."""

@@ -7,6 +7,7 @@ site, or a stated reason why not. Rules only; attaching, probing and the transac
 * producer -> ... depthwise conv (-> BN) -> ...   : diagonal DGC after the depthwise norm
 * producer -> BN -> ... grouped conv            : as above, with ``groups``: merge keeps the same
   number of channels in each group (a grouped producer gets a block-diagonal compactor)
+* a Linear producer (transformer MLP: Linear -> GELU -> Linear): output-side DGC over the last dim
 * channels tied across several producers (a residual addition): skipped, as in the paper
 * ``sites='paper'``: of those, only the set that feeds a residual block's last convolution
 """
@@ -38,12 +39,14 @@ class DGCSite:
     consumer_shares: Dict[str, int] = field(default_factory=dict)  # input features of each consumer from this set
     groups: int = 1                # the set passes through grouped convs: cut the same count in each group
     blocks: int = 1                # the producer is grouped: the compactor is block-diagonal (``groups`` blocks)
+    channels_last: bool = False    # the host is a Linear layer: channels on the last dim (transformer MLPs)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "channels": self.channels, "host": self.host,
                 "producer": self.producer, "norm": self.norm, "depthwise": self.depthwise,
                 "consumers": list(self.consumers), "tap": list(self.tap),
-                "consumer_shares": dict(self.consumer_shares), "groups": self.groups, "blocks": self.blocks}
+                "consumer_shares": dict(self.consumer_shares), "groups": self.groups, "blocks": self.blocks,
+                "channels_last": self.channels_last}
 
 
 @dataclass
@@ -145,6 +148,9 @@ class Planner:
             return skip(f"{type(bad_norm[0]).__name__} {names(bad_norm)[0]} normalises across channels; removing "
                         "channels would change the function", [pname])
         consumer_names = names(consumers)
+        if not consumers and not depthwise:
+            return skip("its channels reach no layer whose inputs merge could cut (they end in an operation such as "
+                        "attention's query-key product, where a zero channel is not a removable one)", [pname])
         if depthwise:
             if len(depthwise) > 1:
                 return skip("a chain of several depthwise convolutions is not supported", [pname])
@@ -184,9 +190,11 @@ class Planner:
                             [pname])
             cname = consumer_names[0]
             return DGCSite(name=f"{cname}.{DGC_ATTR}", kind="in", channels=channels, host=cname, producer=pname,
-                           consumers=consumer_names, tap=(cname, "input")), None
+                           consumers=consumer_names, tap=(cname, "input"),
+                           channels_last=isinstance(consumers[0], nn.Linear)), None
         return DGCSite(name=f"{pname}.{DGC_ATTR}", kind="out", channels=channels, host=pname, producer=pname,
-                       consumers=consumer_names, tap=(pname, "output"), groups=groups, blocks=blocks), None
+                       consumers=consumer_names, tap=(pname, "output"), groups=groups, blocks=blocks,
+                       channels_last=isinstance(producer, nn.Linear)), None
 
 
 def paper_sites(sites: List[DGCSite], coupled: set) -> Tuple[List[DGCSite], List[Skipped]]:

@@ -121,6 +121,12 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
         if site.kind == "in":
             continue
         mine = [c for c in checks if c[0] is site]
+        covered = {ch for _, _, m, _ in mine for ch in m}
+        if mine and len(covered) < site.channels:
+            failures[site.name] = (f"{site.channels - len(covered)} of its {site.channels} channels reach no consumer "
+                                   "layer one to one (e.g. they feed attention's query-key product), so merge could "
+                                   "not remove them exactly")
+            continue
         live = [ch for ch in range(site.channels)
                 if all(ch in m and all(channel(base[cn], i, conv).abs().max() > 0 for i in m[ch])
                        for _, cn, m, conv in mine)]
@@ -184,7 +190,7 @@ def _isolate_forward_failures(model: nn.Module, sites: List[DGCSite], x, forward
     why = f"the model's forward fails with a compactor here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     for site in sites:
         trial = copy.deepcopy(bare)
-        attach(trial, site, DGC(site.channels, site.kind, site.blocks))
+        attach(trial, site, DGC(site.channels, site.kind, site.blocks, site.channels_last))
         trial = trial.double()
         trial.eval()
         try:
@@ -335,17 +341,23 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
                            "ResNet blocks); check ignored_layers and that example_inputs reach the backbone.")
     param = next(model.parameters())
     for site in sites:
-        attach(model, site, DGC(site.channels, site.kind, site.blocks).to(device=param.device, dtype=param.dtype))
+        attach(model, site, DGC(site.channels, site.kind, site.blocks, site.channels_last).to(device=param.device,
+                                                                                             dtype=param.dtype))
         attached.append(site.host)
     failures = _probe(model, sites, DG, example_inputs, forward_fn)
     if failures:
-        for site in [s for s in sites if s.name in failures]:
+        skipped_sites = [s for s in sites if s.name in failures]
+        for site in skipped_sites:
             detach(model, site.host)
             attached.remove(site.host)
             skipped.append(Skipped([site.producer], failures[site.name]))
         sites = [s for s in sites if s.name not in failures]
         if not sites:
-            raise SurgeryError("no channel set can be compacted exactly: " + "; ".join(sorted(set(failures.values()))))
+            named = [f"{s.producer}: {failures[s.name]}" for s in skipped_sites]
+            raise SurgeryError("no channel set can be compacted exactly: " + "; ".join(named[:4])
+                               + (f"; and {len(named) - 4} more" if len(named) > 4 else "")
+                               + ". Fix: CDD needs convolutions or MLP layers whose channels reach the next layer one "
+                               "to one (the layers above do not); if this architecture should work, report it")
     for site in sites:
         dgc = get_module(model, site.name)
         dgc.site = site.to_dict()
