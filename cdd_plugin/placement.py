@@ -110,6 +110,8 @@ class Planner:
         def skip(reason: str, layers=None) -> Tuple[None, Skipped]:
             return None, Skipped(layers or root, reason)
 
+        if len(producers) > 1:  # a residual stream, whatever else disqualifies it (sites='paper' reads these)
+            self.coupled.update(names(producers))
         if reaches_output:
             return skip("its channels are part of the model output (pruning them would change the output size)")
         if others:
@@ -118,7 +120,6 @@ class Planner:
         if len(producers) != 1:
             if len(producers) == 0:
                 return skip("no dense producer owns these channels")
-            self.coupled.update(names(producers))
             return skip(f"channels are coupled across {len(producers)} producers ({', '.join(names(producers)[:4])}"
                         f"{', ...' if len(producers) > 4 else ''}) by a residual addition or concatenation; "
                         "the paper does not compact coupled channels", names(producers))

@@ -122,6 +122,13 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
             continue
         mine = [c for c in checks if c[0] is site]
         covered = {ch for _, _, m, _ in mine for ch in m}
+        wide = [cn for _, cn, m, conv in mine
+                if any(i >= base[cn].shape[1 if conv else -1] for v in m.values() for i in v)]
+        if wide:
+            failures[site.name] = (f"its {site.channels} channels do not map one to one onto the inputs of {wide[0]} "
+                                   "(e.g. attention's fused query/key/value projection), so merge could not remove "
+                                   "them exactly")
+            continue
         if mine and len(covered) < site.channels:
             failures[site.name] = (f"{site.channels - len(covered)} of its {site.channels} channels reach no consumer "
                                    "layer one to one (e.g. they feed attention's query-key product), so merge could "

@@ -443,3 +443,60 @@ def test_the_summary_reductions_are_the_core_definition(cdd_run, small_cfg):
                          write=False).summary
     assert core["flops_reduction"] == pytest.approx(cdd_run.summary["flops_reduction"], abs=1e-12)
     assert core["params_reduction"] == pytest.approx(cdd_run.summary["params_reduction"], abs=1e-12)
+
+
+# -- vision transformers -------------------------------------------------------------------------
+TINY_VIT = dict(type="VisionTransformer", arch=dict(embed_dims=32, num_layers=2, num_heads=2, feedforward_channels=64),
+                img_size=(64, 32), patch_size=16, out_type="cls_token", init_cfg=None)
+
+
+def test_vit_student_compacts_its_mlps_trains_with_the_wrappers_and_merges_exactly(small_cfg):
+    """MMPretrain's VisionTransformer through CDDRetriever: the authors' placement selects each
+    block's MLP hidden set (attention stays dense, the report says why), the CDD optimizer
+    wrapper trains it on token features, and the merged student computes what the trained one
+    computes with narrower MLPs."""
+    from mmengine.optim import build_optim_wrapper
+
+    model = _build(small_cfg, image_encoder=[TINY_VIT], cdd=dict(queue_size=64, mask_start=0, ratio=0.9,
+                                                                  lasso=0.05),
+                   head=dict(type="LinearClsHead", num_classes=6, in_channels=32))
+    state = model.cdd_state
+    assert all(s.producer.endswith("ffn.layers.0.0") for s in state.sites), state.report()
+    assert len(state.sites) == 2 and all(s.channels == 64 and s.channels_last for s in state.sites)
+    assert "attn.qkv" in state.report()
+    wrapper = build_optim_wrapper(model, dict(type="CDDOptimWrapper", constructor="CDDOptimWrapperConstructor",
+                                              optimizer=dict(type="SGD", lr=0.05, momentum=0.9)))
+    model.train()
+    inputs, samples = _batch(model)
+    for _ in range(6):
+        loss, _ = model.parse_losses(model.loss(inputs, samples))
+        wrapper.update_params(loss)
+    assert state.iteration == 6
+    assert sum(int((d.mask == 0).sum()) for d in state.compactors.values()) > 0
+    net = model.student_net
+    net.eval()
+    for d in state.compactors.values():  # what a long run reaches: the masked rows at zero
+        d.zero_((d.mask == 0).nonzero().flatten().tolist())
+    with torch.no_grad():
+        want = net.embed(inputs)
+    merged = cdd_plugin.merge(net)
+    with torch.no_grad():
+        got = merged.embed(inputs)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    widths = [m.out_features for n, m in merged.named_modules() if n.endswith("ffn.layers.0.0")]
+    assert len(widths) == 2 and min(widths) < 64
+
+
+def test_the_vit_configs_build_the_authors_placement_on_deit_small():
+    """configs/cdd_vit_small_sop.py (and its teacher) load and build: 12 MLP sites of ViT-S/16."""
+    import cdd_plugin.integrations.mmpretrain  # noqa: F401
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    cfg = Config.fromfile(str(REPO / "configs" / "cdd_vit_small_sop.py"), import_custom_modules=False)
+    teacher = Config.fromfile(str(REPO / "configs" / "teacher_vit_small_sop.py"), import_custom_modules=False)
+    assert teacher.model.image_encoder == cfg.model.image_encoder and teacher.model.head.in_channels == 384
+    model = MODELS.build(cfg.model.to_dict())
+    sites = model.cdd_state.sites
+    assert len(sites) == 12 and all(s.channels == 1536 and s.producer.endswith("ffn.layers.0.0") for s in sites)
+    assert model.cdd_state.cfg.queue_dtype == "bfloat16" and model.cdd_state.cfg.sites == "paper"

@@ -152,3 +152,20 @@ def test_channels_last_diag_and_block_settings_are_checked():
         cdd_plugin.DGC(6, "in", blocks=2, channels_last=True)
     with pytest.raises(SurgeryError):
         cdd_plugin.insert_dgc(_small_vit(), torch.randn(2, 3, 16, 16), CDDConfig(sites="all"))
+
+
+def test_fastreid_vit_backbone_compacts_its_mlps_exactly():
+    """FastReID's TransReID-style ViT backbone (qkv attention, class-token embedding as a 1x1 map):
+    the MLP hidden sets are compacted, the fused qkv projection is refused by the probe, merge is
+    exact and FLOPs are predicted exactly."""
+    from fastreid.modeling.backbones.vision_transformer import VisionTransformer as FastReIDViT
+
+    torch.manual_seed(0)
+    backbone = FastReIDViT(img_size=(64, 32), patch_size=16, stride_size=16, embed_dim=32, depth=2, num_heads=2,
+                           mlp_ratio=3.0, qkv_bias=True)
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(2))
+    state = cdd_plugin.insert_dgc(backbone, x, CDDConfig())  # the authors' placement
+    assert sorted(s.producer for s in state.sites) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert "blocks.0.attn.qkv" in state.report()
+    randomise(backbone, state, frac=0.5)
+    check_exact(backbone, state, x)
