@@ -206,30 +206,36 @@ def _compress(model, state, keep):
         state.compactors[name].zero_(chans)
 
 
-def bench_latency(arch, size, batches, keep, runs):
+def bench_latency(arch, size, batches, keep, runs, round_to=1):
+    from cdd_plugin.deploy import latency_pair
+
     torch.manual_seed(0)
     dense = getattr(torchvision.models, arch)().eval()
     student = copy.deepcopy(dense)
     x = torch.randn(1, 3, *size)
-    state = cdd_plugin.insert_dgc(student, x, cdd_plugin.CDDConfig(sites=SITES))
+    state = cdd_plugin.insert_dgc(student, x, cdd_plugin.CDDConfig(sites=SITES, round_to=round_to))
     with torch.no_grad():
         for d in state.compactors.values():
             d.weight.add_(0.01 * torch.randn_like(d.weight))
     _compress(student, state, keep)
     merged = cdd_plugin.merge(student)
-    out = {"arch": arch, "input": list(size), "keep_target": keep}
+    out = {"arch": arch, "input": list(size), "keep_target": keep, "round_to": round_to}
     f_dense = cdd_plugin.profile(dense, x)["flops"]
     f_merged = cdd_plugin.profile(merged, x)["flops"]
     out["flops_dense"], out["flops_merged"] = f_dense, f_merged
     out["flops_ratio"] = f_dense / f_merged
+    # PyTorch and onnxruntime, dense and merged, timed in alternation (medians of interleaved rounds)
+    pair = latency_pair(dense, merged, (3, *size), batches=batches, rounds=max(3, runs // 2), runs=2)
     for b in batches:
         xb = torch.randn(b, 3, *size)
-        t_dense = cdd_plugin.profile(dense, xb, latency=True, runs=runs)["latency_ms"]
-        t_unmerged = cdd_plugin.profile(student, xb, latency=True, runs=runs)["latency_ms"]
-        t_merged = cdd_plugin.profile(merged, xb, latency=True, runs=runs)["latency_ms"]
-        out[f"batch{b}"] = {"dense_ms": t_dense, "unmerged_ms": t_unmerged, "merged_ms": t_merged,
-                            "speedup_vs_dense": t_dense / t_merged,
-                            "speedup_over_flops_ratio": (t_dense / t_merged) / out["flops_ratio"]}
+        p = pair[f"batch{b}"]
+        t_unmerged = cdd_plugin.profile(student, xb, latency=True, runs=max(3, runs // 2))["latency_ms"]
+        out[f"batch{b}"] = {"dense_ms": p["torch_dense"], "unmerged_ms": t_unmerged, "merged_ms": p["torch_merged"],
+                            "speedup_vs_dense": p["torch_dense"] / p["torch_merged"],
+                            "speedup_over_flops_ratio": p["torch_dense"] / p["torch_merged"] / out["flops_ratio"],
+                            "ort_dense_ms": p["ort_dense"], "ort_merged_ms": p["ort_merged"],
+                            "ort_speedup_vs_dense": p["ort_dense"] / p["ort_merged"],
+                            "ort_speedup_over_flops_ratio": p["ort_dense"] / p["ort_merged"] / out["flops_ratio"]}
     return out
 
 
@@ -254,6 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sites", choices=["all", "paper"], default="all", help="compactor placement: every exactly "
                     "foldable set (the figures in RESULTS.md) or the authors' one per residual block")
+    ap.add_argument("--round-to", type=int, default=1, help="[3]: merged widths a multiple of this (8 or 16 suit "
+                    "CPU kernels) [default: 1]")
+    ap.add_argument("--latency-only", action="store_true", help="only [3]: merged latency in PyTorch and onnxruntime")
     ap.add_argument("--memory", action="store_true", help="only [5]: peak training memory and checkpoint size")
     ap.add_argument("--queue", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -274,11 +283,14 @@ def main(argv=None) -> int:
     if args.memory:
         _report_memory(res, args.arch, size, batch, queue)
         return _write(res, args.json)
+    global SITES
+    SITES = args.sites
+    if args.latency_only:
+        _report_latency(res, args, size, runs)
+        return _write(res, args.json)
 
     print(f"\n[1] training step, {args.arch} {size[0]}x{size[1]}, batch {batch}, queues full "
           f"(median of 2 rounds x {max(1, repeats // 2)} steps)")
-    global SITES
-    SITES = args.sites
     res["step"] = bench_step(args.arch, size, batch, 751, repeats, queue)
     s = res["step"]
     print(f"    KD only      {s['kd_step_s']:.3f} s/it\n    CDD + RGGR   {s['cdd_step_s']:.3f} s/it   "
@@ -294,16 +306,7 @@ def main(argv=None) -> int:
         print(f"    C={r['channels']:<4} vectorised {r['vectorised_ms']:8.1f} ms   loop {r['loop_ms']:9.1f} ms   "
               f"x{r['speedup']:.1f}   equal={r['equal']}")
 
-    print(f"\n[3] latency, {args.arch} {size[0]}x{size[1]}, channels cut to ~35% of the FLOPs")
-    res["latency"] = bench_latency(args.arch, size, [1, 32] if not args.quick else [1, 8], 0.35, runs)
-    L = res["latency"]
-    print(f"    FLOPs dense {L['flops_dense'] / 1e9:.3f} G, merged {L['flops_merged'] / 1e9:.3f} G "
-          f"(reduction x{L['flops_ratio']:.2f})")
-    for key in [k for k in L if k.startswith("batch")]:
-        r = L[key]
-        print(f"    {key:<8} dense {r['dense_ms']:8.1f} ms  unmerged {r['unmerged_ms']:8.1f} ms  merged "
-              f"{r['merged_ms']:8.1f} ms  speed-up x{r['speedup_vs_dense']:.2f} = "
-              f"{r['speedup_over_flops_ratio']:.2f} of the FLOPs reduction (target >= 0.8)")
+    _report_latency(res, args, size, runs)
 
     print("\n[4] time to merge")
     res["merge"] = bench_merge(["resnet50", "resnet101"] if not args.quick else ["resnet50"], size, 1 if args.quick else 3)
@@ -311,6 +314,25 @@ def main(argv=None) -> int:
         print(f"    {r['arch']:<10} {r['merge_s']:.2f} s  (target < 5 s for resnet50)")
     _report_memory(res, args.arch, size, batch, queue)
     return _write(res, args.json)
+
+
+def _report_latency(res, args, size, runs):
+    print(f"\n[3] latency, {args.arch} {size[0]}x{size[1]}, channels cut to ~35% of the FLOPs"
+          + (f", widths rounded to {args.round_to}" if args.round_to > 1 else "")
+          + "; PyTorch and onnxruntime (CPU), dense and merged timed in alternation")
+    res["latency"] = bench_latency(args.arch, size, [1, 32] if not args.quick else [1, 8], 0.35, runs,
+                                   round_to=args.round_to)
+    L = res["latency"]
+    print(f"    FLOPs dense {L['flops_dense'] / 1e9:.3f} G, merged {L['flops_merged'] / 1e9:.3f} G "
+          f"(reduction x{L['flops_ratio']:.2f})")
+    for key in [k for k in L if k.startswith("batch")]:
+        r = L[key]
+        print(f"    {key:<8} PyTorch      dense {r['dense_ms']:8.1f} ms  unmerged {r['unmerged_ms']:8.1f} ms  merged "
+              f"{r['merged_ms']:8.1f} ms  speed-up x{r['speedup_vs_dense']:.2f} = "
+              f"{r['speedup_over_flops_ratio']:.2f} of the FLOPs reduction (target >= 0.8)")
+        print(f"    {'':<8} onnxruntime  dense {r['ort_dense_ms']:8.1f} ms  {'':>23}merged "
+              f"{r['ort_merged_ms']:8.1f} ms  speed-up x{r['ort_speedup_vs_dense']:.2f} = "
+              f"{r['ort_speedup_over_flops_ratio']:.2f} of the FLOPs reduction (target >= 0.8)")
 
 
 def _report_memory(res, arch, size, batch, queue):

@@ -1,7 +1,7 @@
 """cdd_plugin: Capacity Dynamic Distillation (CVPR 2023) with RGGR for PyTorch CNNs.
 
 Public API (see docs/API.md): ``CDDConfig``, ``insert_dgc``, ``RGGROptimizer``,
-``merge``, ``save_merged``, ``load_merged``, ``profile``, ``CDDDistiller``, ``LossConfig``.
+``merge``, ``save_merged``, ``load_merged``, ``profile``, ``export_onnx``, ``CDDDistiller``, ``LossConfig``.
 """
 from .config import CDDConfig, ConfigError
 from .dgc import DGC
@@ -27,6 +27,8 @@ def __getattr__(name):  # heavier parts are imported on first use
 
     if name in ("CDDDistiller", "LossConfig"):
         return getattr(importlib.import_module(".distill", __name__), name)
-    if name in ("distill", "evaluation", "datasets"):
+    if name in ("export_onnx", "ExportError"):
+        return getattr(importlib.import_module(".deploy", __name__), name)
+    if name in ("distill", "evaluation", "datasets", "deploy"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cdd_plugin' has no attribute {name!r}")

@@ -219,6 +219,47 @@ def test_merge_round_trip_on_a_torchvision_checkpoint(tmp_path, cdd_main, resnet
                                "--prefix", "student.", "--out", tmp_path / "other.pth"), "--num-classes")
 
 
+def test_export_writes_a_checked_onnx_file_and_times_both_runtimes(tmp_path, cdd_main, resnet18_student):
+    import onnxruntime
+
+    _, merged = resnet18_student
+    path = tmp_path / "merged.pth"
+    cdd_plugin.save_merged(merged, str(path))
+    onnx_path = tmp_path / "merged.onnx"
+    code, out, err = cdd_main("export", path, "--arch", "torchvision:resnet18", "--input", "3x32x32",
+                              "--num-classes", 10, "--out", onnx_path, "--latency", "--batches", "1", "3",
+                              "--rounds", "1", "--runs", "1")
+    assert code == 0, err
+    assert "onnxruntime matches PyTorch" in out and "onnxruntime dense" in out
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))  # another batch size: dynamic axis
+    got = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), merged(x), atol=1e-4, rtol=1e-4)
+    before = onnx_path.read_bytes()
+    assert_main_error(cdd_main("export", path, "--arch", "torchvision:resnet18", "--input", "3x32x32",
+                               "--num-classes", 10, "--out", onnx_path), "--force")
+    assert onnx_path.read_bytes() == before
+
+
+def test_export_onnx_refuses_unmerged_models_and_leaves_no_file(tmp_path, resnet18_student):
+    from cdd_plugin.deploy import ExportError, export_onnx
+
+    model, _ = resnet18_student
+    target = tmp_path / "student.onnx"
+    with pytest.raises(ExportError, match="merge"):
+        export_onnx(model, str(target), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(resnet18_student[1], str(tmp_path / "nope" / "m.onnx"), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ExportError, match="nothing was written"):  # a model the exporter cannot trace
+        export_onnx(_DataDependent(), str(target), torch.randn(1, 3, 8, 8))
+    assert not list(tmp_path.iterdir())
+
+
+class _DataDependent(torch.nn.Module):
+    def forward(self, x):
+        return x[x > 0].sum().reshape(1) * torch.ones(int(x.abs().sum().item()) % 3 + 1)
+
+
 # ------------------------------------------------------------------------------------ errors
 
 

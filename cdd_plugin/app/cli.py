@@ -307,9 +307,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
-    import torch
-
+def _load_merged_model(args: argparse.Namespace):
+    """The merged file of ``args.merged`` on a fresh dense model of its architecture: (model, arch,
+    arch_name, input shape, a builder of the dense model)."""
     import cdd_plugin
     from ..export import read_merged
 
@@ -332,6 +332,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise CLIError(f"'{args.merged}' does not fit --arch {arch_name}: {str(exc).splitlines()[0][:300]}; pass "
                        "the architecture the model was trained with") from exc
+    def dense():  # the same architecture, not compressed
+        return build_arch(arch_name, num_classes=num_classes, meta=meta).model
+
+    return model, arch, arch_name, shape, dense
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    import cdd_plugin
+
+    model, arch, arch_name, shape, _ = _load_merged_model(args)
     x = arch.inputs(args.batch, shape)
     try:
         prof = cdd_plugin.profile(model, x, latency=args.latency, runs=args.runs, forward_fn=arch.forward_fn)
@@ -349,6 +361,38 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.latency:
         print(f"  latency  {result['latency_ms']:>14.3f}  ms (batch {args.batch}, median of {args.runs}, "
               f"{result['threads']} thread(s))")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..deploy import ExportError, export_onnx, latency_pair
+
+    if os.path.exists(args.out) and not args.force:
+        raise CLIError(f"'{args.out}' exists; pass --force to replace it")
+    model, arch, arch_name, shape, build_dense = _load_merged_model(args)
+    if arch.forward_fn is not None:
+        raise CLIError(f"--arch {arch_name} needs a custom forward (its model does not take one image batch); "
+                       "export it from Python with cdd_plugin.export_onnx on the embedding network")
+    x = arch.inputs(1, shape)
+    try:
+        res = export_onnx(model, args.out, x, opset=args.opset)
+    except ExportError as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"{args.out}: ONNX (opset {args.opset}, dynamic batch) of {args.merged}; onnxruntime matches PyTorch "
+          f"within {res['max_rel_diff']:.1e} (relative)")
+    if args.latency:
+        dense = build_dense()  # the same architecture, not compressed
+        batches = sorted(set(args.batches))
+        lat = latency_pair(dense, model, tuple(x.shape[1:]), batches=batches, rounds=args.rounds, runs=args.runs,
+                           folder=os.path.dirname(os.path.abspath(args.out)))
+        print(f"latency, medians of {args.rounds} interleaved rounds, {torch.get_num_threads()} thread(s):")
+        print("  batch    PyTorch dense   merged  speed-up    onnxruntime dense   merged  speed-up")
+        for b in batches:
+            r = lat[f"batch{b}"]
+            print(f"  {b:>5}  {r['torch_dense']:>12.1f} ms {r['torch_merged']:>6.1f} ms   x{r['torch_dense'] / r['torch_merged']:.2f}"
+                  f"    {r['ort_dense']:>14.1f} ms {r['ort_merged']:>6.1f} ms   x{r['ort_dense'] / r['ort_merged']:.2f}")
     return 0
 
 
@@ -547,6 +591,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.set_defaults(func=cmd_profile)
 
+    e = sub.add_parser("export", help="export a merged model file to ONNX, checked with onnxruntime",
+                       description="Load a merged model (as `cdd profile` does), export it to ONNX with a dynamic "
+                       "batch axis, check onnxruntime's output against PyTorch's, and optionally time both runtimes "
+                       "against the dense architecture (interleaved rounds).")
+    e.add_argument("merged", metavar="MERGED.pth", help="a merged model file")
+    e.add_argument("--out", required=True, help="the .onnx file to write")
+    e.add_argument("--arch", help="demo | torchvision:<name> | fastreid:<config.yml> | mmpretrain:<config.py> "
+                   "[default: recorded in the file]")
+    e.add_argument("--input", metavar="CxHxW", help="input size, e.g. 3x256x128 [default: recorded in the file]")
+    e.add_argument("--num-classes", type=_int_at_least(1, "the number of classes (>= 1)"), help="classes of the dense "
+                   "model to build")
+    e.add_argument("--opset", type=_int_at_least(13, "an ONNX opset >= 13"), default=17, help="ONNX opset [default: 17]")
+    e.add_argument("--latency", action="store_true", help="also time PyTorch and onnxruntime, dense vs merged")
+    e.add_argument("--batches", type=_int_at_least(1, "a batch size >= 1"), nargs="+", default=[1, 32],
+                   help="batch sizes of --latency [default: 1 32]")
+    e.add_argument("--rounds", type=_int_at_least(1, "at least one round"), default=5, help="interleaved rounds "
+                   "[default: 5]")
+    e.add_argument("--runs", type=_int_at_least(1, "at least one run"), default=3, help="calls per round [default: 3]")
+    e.add_argument("--threads", type=_int_at_least(1, "at least one CPU thread"), help="CPU threads [default: half the "
+                   "cores, at most 4]")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=cmd_export)
+
     m = sub.add_parser("merge", help="merge a trained student checkpoint (with DGCs) into a plain narrower model",
                        description="Rebuild the dense student, insert DGCs exactly as in training (surgery is "
                        "deterministic for an architecture and input size), load the checkpoint (weights-only), fold "
@@ -620,7 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     try:
-        if args.command in ("merge", "profile"):
+        if args.command in ("merge", "profile", "export"):
             import torch
 
             from .demo import default_threads
