@@ -107,6 +107,27 @@ def test_quick_demo_merged_file_is_weights_only_and_profile_reports_the_summary_
 
 
 @pytest.mark.slow
+def test_quick_vit_demo_compresses_the_transformer_mlps_end_to_end(tmp_path):
+    """`cdd demo --model vit`: a small vision transformer teacher and heavy student; CDD compacts the
+    MLP hidden channels while distilling, the merged ViT retrieves like the trained one, and
+    `cdd profile` rebuilds it from the file."""
+    out = tmp_path / "vit"
+    proc = run_cdd("demo", "--quick", "--model", "vit", "--out", out, "--seed", 0, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = _summary(out)
+    rows = {r["name"]: r for r in s["rows"]}
+    assert s["config"]["model"] == "vit" and s["config"]["arch"]["kind"] == "vit"
+    assert s["flops_reduction"] > 0.2, proc.stdout[-2000:]
+    assert rows["student_merged"]["metrics"]["mAP"] == pytest.approx(rows["student_unmerged"]["metrics"]["mAP"],
+                                                                      abs=0.05)
+    assert s["predicted_flops"] == pytest.approx(rows["student_merged"]["flops"], rel=1e-3)
+    assert s["cdd"]["channels_total"] == 2 * 128  # the two blocks' MLP hidden sets (quick: 2 layers, MLP 128)
+    prof = run_cdd("profile", out / "model_merged.pth", "--json")
+    assert prof.returncode == 0, prof.stderr
+    assert json.loads(prof.stdout)["flops"] == rows["student_merged"]["flops"]
+
+
+@pytest.mark.slow
 def test_quick_demo_plots_and_history(quick_run):
     out, _ = quick_run
     for name in ("channels.png", "history.png"):

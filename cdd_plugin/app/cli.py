@@ -282,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  "threads": args.threads, "ids": args.ids, "mask_start_epoch": args.mask_start}
     if args.no_latency:
         overrides["latency"] = False
-    cfg = demo.DemoConfig.for_run(args.data, quick=args.quick, **overrides)
+    cfg = demo.DemoConfig.for_run(args.data, quick=args.quick, model=args.model, **overrides)
     summary = demo.run_demo(cfg, progress=args.progress)
     print()
     print(f"CDD demo ({cfg.data}{', quick' if cfg.quick else ''}): {summary['config']['protocol']}")
@@ -560,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "this student epoch on [default: 2; market1501: 3; quick: 1]")
     d.add_argument("--quick", action="store_true", help="a much shorter run with a smaller network (< 1 minute; "
                    "used by the tests)")
+    d.add_argument("--model", choices=("cnn", "vit"), default="cnn", help="the teacher and heavy student: 'cnn' (a "
+                   "small bottleneck ResNet) or 'vit' (a small vision transformer: its MLPs are compacted) "
+                   "[default: cnn]")
     d.add_argument("--data", default="digits", metavar="SPEC", help="'digits' (bundled with scikit-learn) or "
                    "'market1501:PATH' (a subset of Market-1501, re-ID protocol, 128x64 input) [default: digits]")
     d.add_argument("--ids", type=_int_at_least(2, "at least 2 identities"), default=None, help="market1501: identities in the subset, for train and test "

@@ -133,9 +133,43 @@ class DemoNet(nn.Module):
         return self.fc(self.neck(emb)), emb
 
 
-def build_demo_net(**kwargs: Any) -> DemoNet:
-    """``DemoNet`` from JSON-able keyword arguments (as stored in a run's meta data)."""
+class DemoViT(nn.Module):
+    """A small vision transformer for retrieval (``--model vit``): non-overlapping patches,
+    a class token, torchvision's transformer ``Encoder`` (attention + Linear -> GELU -> Linear
+    MLP blocks), and the class token after the final LayerNorm as the embedding; the logits
+    come from a BatchNorm neck and a linear classifier, as in DemoNet. CDD compacts the
+    hidden dimension of every MLP; attention and the residual stream stay dense."""
+
+    def __init__(self, num_classes: int = 10, image_size: Sequence[int] = (32, 32), patch: int = 8,
+                 layers: int = 4, heads: int = 4, hidden: int = 64, mlp: int = 256, in_channels: int = 3) -> None:
+        super().__init__()
+        from torchvision.models.vision_transformer import Encoder
+
+        h, w = (int(v) for v in image_size)
+        if h % patch or w % patch:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch}")
+        self.conv_proj = nn.Conv2d(in_channels, hidden, patch, patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.encoder = Encoder((h // patch) * (w // patch) + 1, layers, heads, hidden, mlp, 0.0, 0.0)
+        self.embed_dim = hidden
+        self.neck = nn.BatchNorm1d(hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        emb = self.encoder(x)[:, 0]
+        return self.fc(self.neck(emb)), emb
+
+
+def build_demo_net(**kwargs: Any) -> nn.Module:
+    """``DemoNet`` (or ``DemoViT`` with ``kind='vit'``) from JSON-able keyword arguments (as stored in
+    a run's meta data)."""
     kw = dict(kwargs)
+    if kw.pop("kind", "cnn") == "vit":
+        if "image_size" in kw:
+            kw["image_size"] = tuple(int(v) for v in kw["image_size"])
+        return DemoViT(**kw)
     for key in ("widths", "blocks"):
         if key in kw:
             kw[key] = tuple(int(v) for v in kw[key])
@@ -150,6 +184,7 @@ class DemoConfig:
     """Every setting of a demo run (written to ``summary.json``)."""
 
     data: str = "digits"
+    model: str = "cnn"                 # "cnn" (DemoNet, a small bottleneck ResNet) or "vit" (DemoViT)
     out: str = "runs/demo"
     seed: int = 0
     quick: bool = False
@@ -180,9 +215,12 @@ class DemoConfig:
     input_size: Tuple[int, int] = (32, 32)
 
     @classmethod
-    def for_run(cls, data: str = "digits", quick: bool = False, **overrides: Any) -> "DemoConfig":
+    def for_run(cls, data: str = "digits", quick: bool = False, model: str = "cnn", **overrides: Any) -> "DemoConfig":
         """Defaults for the data set, then the quick (test) variant, then explicit overrides."""
-        cfg = cls(data=data, quick=quick)
+        if model not in ("cnn", "vit"):
+            raise DemoError(f"unknown --model {model!r}; use 'cnn' (a small bottleneck ResNet) or 'vit' (a small "
+                            "vision transformer)")
+        cfg = cls(data=data, quick=quick, model=model)
         if data.startswith("market1501"):
             cfg.input_size = (128, 64)
             cfg.arch = {"widths": [16, 32, 64], "blocks": [2, 2, 2], "stem_channels": 32, "stem_stride": 2,
@@ -193,12 +231,24 @@ class DemoConfig:
         else:
             cfg.arch = {"widths": [16, 32, 64], "blocks": [2, 2, 2], "stem_channels": 32, "stem_stride": 2,
                         "stem_pool": False}
-        if quick:
+        if model == "vit":  # patches of 16x16 on Market-1501's 128x64 (8x4 tokens), 8x8 on the digits' 32x32
+            cfg.arch = {"kind": "vit", "image_size": list(cfg.input_size), "patch": 16 if data != "digits" else 8,
+                        "layers": 4, "heads": 4, "hidden": 96, "mlp": 384}
+            cfg.lr, cfg.teacher_lr = 0.01, 0.01  # SGD on a transformer from scratch: a smaller step than the CNN's
+        if quick and model == "vit":
+            cfg.arch = dict(cfg.arch, layers=2, hidden=32, mlp=128)
+            cfg.teacher_epochs, cfg.student_epochs, cfg.mask_start_epoch = 2, 4, 1
+            cfg.lasso = 0.1
+            cfg.ids = min(cfg.ids, 16)
+            cfg.latency_batches = (1,)
+        elif quick:
             cfg.arch = dict(cfg.arch, widths=[8, 16, 32], blocks=[1, 1, 1], stem_channels=16)
             cfg.teacher_epochs, cfg.student_epochs, cfg.mask_start_epoch = 2, 4, 1
             cfg.lasso = 0.1
             cfg.ids = min(cfg.ids, 16)
             cfg.latency_batches = (1,)
+        if model == "vit":  # the same lasso travel per step (lr x lasso) as the CNN's schedule
+            cfg.lasso = round(cfg.lasso * DemoConfig.lr / cfg.lr, 6)
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -632,7 +682,8 @@ def run_demo(cfg: DemoConfig, progress: str = "auto") -> dict:
         shape = (3, int(cfg.input_size[0]), int(cfg.input_size[1]))
         logger.info("data: %s", data.describe())
         logger.info("protocol: %s", data.protocol)
-        logger.info("network: DemoNet %s, input %dx%d, %d CPU thread(s)", cfg.arch, shape[1], shape[2], threads)
+        logger.info("network: %s %s, input %dx%d, %d CPU thread(s)", "DemoViT" if cfg.model == "vit" else "DemoNet",
+                    cfg.arch, shape[1], shape[2], threads)
         steps = data.steps_per_epoch(cfg.p, cfg.k_instances)
         history = _History(out / "history.jsonl")
 
