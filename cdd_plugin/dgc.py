@@ -118,8 +118,13 @@ class DGC(nn.Module):
             y = F.linear(x, w)
         else:
             y = F.conv2d(x, w[:, :, None, None]) if x.dim() == 4 else torch.einsum("oc,nc...->no...", w, x)
-        if self.capture:
-            self.last_pooled = _pool(y.detach(), self.channels_last).float()
+        if self.capture:  # a module called several times in one forward (shared blocks): the mean over calls
+            pooled = _pool(y.detach(), self.channels_last).float()
+            if self.last_pooled is None or self.last_pooled.shape != pooled.shape:
+                self.last_pooled, self._pooled_calls = pooled, 1
+            else:
+                self._pooled_calls += 1
+                self.last_pooled = self.last_pooled + (pooled - self.last_pooled) / self._pooled_calls
         return y
 
     # -- the channel groups of the lasso -------------------------------------------------
@@ -214,13 +219,24 @@ def tap_output(module: nn.Module, inputs, output):
     """Forward hook of the distiller: while it collects, keep the pooled output on the module
     itself (so copies of a model tap into their own modules, and nothing is kept otherwise)."""
     if module.__dict__.get("_cdd_tap_on"):
-        module._cdd_tap = _pool(output, isinstance(module, nn.Linear))
+        _keep_tap(module, _pool(output, isinstance(module, nn.Linear)))
+
+
+def _keep_tap(module: nn.Module, pooled: torch.Tensor) -> None:
+    """The pooled feature of this forward; a module called several times (shared blocks) keeps the
+    mean over its calls, as its compactor does."""
+    prev = module.__dict__.get("_cdd_tap")
+    if prev is None or prev.shape != pooled.shape:
+        module._cdd_tap, module._cdd_tap_calls = pooled, 1
+    else:
+        module._cdd_tap_calls += 1
+        module._cdd_tap = prev + (pooled - prev) / module._cdd_tap_calls
 
 
 def tap_input(module: nn.Module, inputs):
     """Forward pre-hook of the distiller (runs after a DGC pre-hook: sees the compacted input)."""
     if module.__dict__.get("_cdd_tap_on"):
-        module._cdd_tap = _pool(inputs[0], isinstance(module, nn.Linear))
+        _keep_tap(module, _pool(inputs[0], isinstance(module, nn.Linear)))
 
 
 CDD_HOOKS = (apply_output_dgc, apply_input_dgc, tap_output, tap_input)
@@ -232,5 +248,5 @@ def strip_cdd_hooks(model: nn.Module) -> None:
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for key in [k for k, fn in hooks.items() if fn in CDD_HOOKS]:
                 del hooks[key]
-        for attr in ("_cdd_tap", "_cdd_tap_on"):
+        for attr in ("_cdd_tap", "_cdd_tap_on", "_cdd_tap_calls"):
             m.__dict__.pop(attr, None)

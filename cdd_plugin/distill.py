@@ -210,6 +210,7 @@ class CDDDistiller(nn.Module):
                     mod._cdd_tap_on = on
                     if not on:
                         mod.__dict__.pop("_cdd_tap", None)
+                        mod.__dict__.pop("_cdd_tap_calls", None)
 
     def _collect(self, root: nn.Module, teacher: bool) -> Dict[str, torch.Tensor]:
         feats = {}
@@ -219,6 +220,7 @@ class CDDDistiller(nn.Module):
                 continue
             mod = root.get_submodule(name)
             t = mod.__dict__.pop("_cdd_tap", None)
+            mod.__dict__.pop("_cdd_tap_calls", None)
             if t is not None:
                 feats[site] = t
         return feats

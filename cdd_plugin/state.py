@@ -163,11 +163,12 @@ class CDDState:
 
     # -- per-step hooks ------------------------------------------------------------------
     def capture(self, on: bool = True) -> None:
-        """Let every DGC keep its pooled output of the last forward (the student feature of RGGR)."""
+        """``capture(True)`` before a forward: every DGC keeps its pooled output of that forward (the
+        student feature of RGGR; a compactor called several times in it keeps the mean over its
+        calls); ``capture(False)`` stops and forgets."""
         for d in self.compactors.values():
             d.capture = on
-            if not on:
-                d.last_pooled = None
+            d.last_pooled = None
 
     @torch.no_grad()
     def observe(self, student_feats: Optional[Dict[str, torch.Tensor]] = None,

@@ -169,3 +169,49 @@ def test_fastreid_vit_backbone_compacts_its_mlps_exactly():
     assert "blocks.0.attn.qkv" in state.report()
     randomise(backbone, state, frac=0.5)
     check_exact(backbone, state, x)
+
+
+class SharedMLP(nn.Module):
+    """A CNN stem feeding tokens to ONE MLP applied twice (weight-shared blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.proj = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 12, 1)
+        self.embed = nn.Linear(12, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.embed(self.proj(torch.relu(self.bn(self.conv(x)))).flatten(2).transpose(1, 2))
+        for _ in range(2):
+            t = t + self.mlp(t)
+        emb = t.mean(1)
+        return self.head(emb), emb
+
+
+def test_cnn_and_transformer_parts_mix_and_a_shared_mlp_is_read_over_all_its_calls():
+    """Conv sites and a Linear site in one model merge exactly; the MLP used by two blocks gives
+    RGGR (and the teacher side) the mean of its pooled output over both calls, not the last one."""
+    torch.manual_seed(0)
+    teacher, student = SharedMLP().eval(), SharedMLP()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    state = cdd_plugin.insert_dgc(student, x, CDDConfig(sites="all", queue_size=16))
+    assert sorted(s.producer for s in state.sites) == ["conv", "mlp.0", "proj"]
+    assert next(s for s in state.sites if s.producer == "mlp.0").channels_last
+    seen = {"student": [], "teacher": []}
+    student.mlp[0].register_forward_hook(lambda m, i, o: seen["student"].append(o.detach().mean(1)))
+    teacher.mlp[0].register_forward_hook(lambda m, i, o: seen["teacher"].append(o.detach().mean(1)))
+    distiller = cdd_plugin.CDDDistiller(student, teacher, state)
+    distiller.train()
+    distiller(x, torch.tensor([0, 1, 2, 0]))
+    s, t = state.pending()["mlp.0.cdd_dgc"]
+    assert len(seen["student"]) == 2 and len(seen["teacher"]) == 2
+    assert torch.allclose(s, torch.stack(seen["student"]).mean(0), atol=1e-6)
+    assert torch.allclose(t, torch.stack(seen["teacher"]).mean(0), atol=1e-6)
+    randomise(student, state, frac=0.5)
+    student.eval()
+    merged = cdd_plugin.merge(student)
+    with torch.no_grad():
+        for a, b in zip(student(x), merged(x)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert cdd_plugin.profile(merged, x[:1])["flops"] == state.predicted_flops()
