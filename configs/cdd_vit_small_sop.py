@@ -15,13 +15,9 @@
 # Everything else (data, the CDD schedule: SGD, 120 epochs; the paper has no transformer recipe)
 # is configs/cdd_resnet50_sop.py's. Set `data_root` there (or override each dataloader's) and the
 # teacher checkpoint below.
-_base_ = ['./cdd_resnet50_sop.py']
-pretrained = 'https://download.openmmlab.com/mmclassification/v0/deit/deit-small_pt-4xb256_in1k_20220218-9425b9bb.pth'  # noqa
+_base_ = ['./cdd_resnet50_sop.py', './_base_/models/vit_small_encoder.py']
 model = dict(
-    # out_type='cls_token': the class token after the final LayerNorm is the 384-d embedding
-    image_encoder=[dict(type='VisionTransformer', arch='deit-small', img_size=224, patch_size=16,
-                        out_type='cls_token', init_cfg=dict(type='Pretrained', checkpoint=pretrained,
-                                                            prefix='backbone'))],
+    image_encoder={{_base_.vit_small_encoder}},
     head=dict(in_channels=384),
     # the 12 sites hold 18,432 channels: queues of 24,000 take 1.7 GiB in float32, 0.8 in bfloat16
     cdd=dict(queue_dtype='bfloat16'),
