@@ -262,6 +262,7 @@ def main(argv=None) -> int:
                     "foldable set (the figures in RESULTS.md) or the authors' one per residual block")
     ap.add_argument("--round-to", type=int, default=1, help="[3]: merged widths a multiple of this (8 or 16 suit "
                     "CPU kernels) [default: 1]")
+    ap.add_argument("--step-only", action="store_true", help="only [1] and [2]: the training step and the selection")
     ap.add_argument("--latency-only", action="store_true", help="only [3]: merged latency in PyTorch and onnxruntime")
     ap.add_argument("--memory", action="store_true", help="only [5]: peak training memory and checkpoint size")
     ap.add_argument("--queue", type=int, default=None, help=argparse.SUPPRESS)
@@ -306,6 +307,8 @@ def main(argv=None) -> int:
         print(f"    C={r['channels']:<4} vectorised {r['vectorised_ms']:8.1f} ms   loop {r['loop_ms']:9.1f} ms   "
               f"x{r['speedup']:.1f}   equal={r['equal']}")
 
+    if args.step_only:
+        return _write(res, args.json)
     _report_latency(res, args, size, runs)
 
     print("\n[4] time to merge")
