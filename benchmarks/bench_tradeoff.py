@@ -53,7 +53,8 @@ from weight decay), ``abl_no_snap`` (no proximal snap), ``abl_mask_late`` (masks
 budget), ``abl_ratio_authors`` (p = 0.5), ``abl_sites_authors`` / ``abl_sites_all`` (placement),
 ``abl_live_lasso_paper`` (the paper's 0.004 on the rows that still learn, the chosen scaled lasso on
 masked rows only: ``CDDConfig.masked_lasso``), ``abl_live_lasso_p09`` (the same with p = 0.9, so
-masks grow faster under the weak live pull).
+masks grow faster under the weak live pull), ``abl_live_p09_feat_after`` (that, with the feature
+term read after the compactor).
 
 The lasso (METHOD.md section 6): the paper's 0.004 covers ~39,350 iterations after the mask start;
 the lasso's travel scales with iterations x LR x lambda, so the scaled value is 0.004 x 39,350 /
@@ -110,7 +111,8 @@ ABLATIONS = {"abl_feat_after": dict(feat_tap="after"), "abl_no_decay": dict(deca
              "abl_no_snap": dict(snap_to_zero=False), "abl_mask_late": dict(mask_start_frac=40 / 120),
              "abl_ratio_authors": dict(ratio=0.5), "abl_sites_authors": dict(sites="paper"),
              "abl_sites_all": dict(sites="all"), "abl_live_lasso_paper": dict(lasso=0.004),
-             "abl_live_lasso_p09": dict(lasso=0.004, ratio=0.9)}
+             "abl_live_lasso_p09": dict(lasso=0.004, ratio=0.9),
+             "abl_live_p09_feat_after": dict(lasso=0.004, ratio=0.9, feat_tap="after")}
 LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CDD + RGGR (authors' placement)",
           "cdd_rggr_all": "CDD + RGGR, all sites", "cdd_norm": "CDD + norm (ResRep)",
           "cdd_lasso": "CDD, lasso only + cut", "tp": "torch-pruning one-shot + KD",
@@ -121,7 +123,8 @@ LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CD
           "abl_ratio_authors": "ablation: the authors' ratio p = 0.5", "abl_sites_authors": "ablation: the authors' placement",
           "abl_sites_all": "ablation: every channel set (sites='all')",
           "abl_live_lasso_paper": "ablation: the paper's lasso on live rows, the scaled one on masked rows",
-          "abl_live_lasso_p09": "ablation: as the row above, with p = 0.9 (masks grow faster)"}
+          "abl_live_lasso_p09": "ablation: as the row above, with p = 0.9 (masks grow faster)",
+          "abl_live_p09_feat_after": "ablation: as the row above, with the feature term after the compactor"}
 COMPRESSING = ["cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -499,7 +502,7 @@ class Runner:
         elif row in ABLATIONS:
             over = dict(ABLATIONS[row])
             live = over.pop("lasso", lam)
-            if row.startswith("abl_live_lasso"):  # only masked rows get the schedule-scaled pull
+            if row.startswith("abl_live"):  # only masked rows get the schedule-scaled pull
                 over["masked_lasso"] = lam
             S2 = copy.deepcopy(S)
             if "feat_tap" in over:
