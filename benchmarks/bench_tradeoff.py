@@ -54,7 +54,8 @@ budget), ``abl_ratio_authors`` (p = 0.5), ``abl_sites_authors`` / ``abl_sites_al
 ``abl_live_lasso_paper`` (the paper's 0.004 on the rows that still learn, the chosen scaled lasso on
 masked rows only: ``CDDConfig.masked_lasso``), ``abl_live_lasso_p09`` (the same with p = 0.9, so
 masks grow faster under the weak live pull), ``abl_live_p09_feat_after`` (that, with the feature
-term read after the compactor).
+term read after the compactor), ``abl_live_p09_no_decay`` (that, with the compactors exempt from weight
+decay).
 
 The lasso (METHOD.md section 6): the paper's 0.004 covers ~39,350 iterations after the mask start;
 the lasso's travel scales with iterations x LR x lambda, so the scaled value is 0.004 x 39,350 /
@@ -112,7 +113,8 @@ ABLATIONS = {"abl_feat_after": dict(feat_tap="after"), "abl_no_decay": dict(deca
              "abl_ratio_authors": dict(ratio=0.5), "abl_sites_authors": dict(sites="paper"),
              "abl_sites_all": dict(sites="all"), "abl_live_lasso_paper": dict(lasso=0.004),
              "abl_live_lasso_p09": dict(lasso=0.004, ratio=0.9),
-             "abl_live_p09_feat_after": dict(lasso=0.004, ratio=0.9, feat_tap="after")}
+             "abl_live_p09_feat_after": dict(lasso=0.004, ratio=0.9, feat_tap="after"),
+             "abl_live_p09_no_decay": dict(lasso=0.004, ratio=0.9, decay_compactors=False)}
 LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CDD + RGGR (authors' placement)",
           "cdd_rggr_all": "CDD + RGGR, all sites", "cdd_norm": "CDD + norm (ResRep)",
           "cdd_lasso": "CDD, lasso only + cut", "tp": "torch-pruning one-shot + KD",
@@ -124,7 +126,8 @@ LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CD
           "abl_sites_all": "ablation: every channel set (sites='all')",
           "abl_live_lasso_paper": "ablation: the paper's lasso on live rows, the scaled one on masked rows",
           "abl_live_lasso_p09": "ablation: as the row above, with p = 0.9 (masks grow faster)",
-          "abl_live_p09_feat_after": "ablation: as the row above, with the feature term after the compactor"}
+          "abl_live_p09_feat_after": "ablation: live lasso 0.004, p = 0.9, feature term after the compactor",
+          "abl_live_p09_no_decay": "ablation: live lasso 0.004, p = 0.9, no weight decay on compactors"}
 COMPRESSING = ["cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
 
 PRESETS: Dict[str, Dict[str, Any]] = {
