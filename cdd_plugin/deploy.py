@@ -120,13 +120,16 @@ def _umask() -> int:
 def interleaved_latency(runners: Dict[str, Callable[[], Any]], rounds: int = 5, runs: int = 5,
                         warmup: int = 2) -> Dict[str, float]:
     """Median milliseconds per call of each runner, measured in alternation (round r times every
-    runner once in turn), so drifting machine load hits all of them alike."""
+    runner once in turn), so drifting machine load hits all of them alike. Each runner gets one
+    untimed call when its turn starts: the first call after switching models pays for caches and
+    the allocator (measured here at up to 2x), which is not the model's own cost."""
     for fn in runners.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for k, fn in runners.items():
+            fn()
             t0 = time.perf_counter()
             for _ in range(runs):
                 fn()
