@@ -57,10 +57,12 @@ def neighbours(sim: torch.Tensor, k: int) -> torch.Tensor:
     descending sort would pick). A top-k and two passes over ``sim`` instead of a full sort of
     every row (N = 24,000 queued features: ~10x faster on a CPU); the set is the sort's exactly."""
     k = min(k, sim.shape[1])
-    top = sim.topk(k, dim=1).values
+    top, top_idx = sim.topk(k, dim=1)
     if bool(torch.isnan(top).any()):                              # NaN similarities: the sort decides
         return torch.sort(torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k], dim=1).values
     kth = top[:, -1:]                                             # [B, 1] the k-th largest value
+    if bool(((sim >= kth).sum(dim=1) == k).all()):               # no tie at the k-th value: top-k's set
+        return torch.sort(top_idx, dim=1).values
     above = sim > kth
     need = k - above.sum(dim=1, keepdim=True)                     # ties at the k-th value still to take
     ties = sim == kth
