@@ -78,6 +78,7 @@ class DGC(nn.Module):
         self.kind = kind
         self.channels = int(channels)
         self.blocks = int(blocks)
+        self.groups = 1  # surgery sets it for a set through grouped convs: merge cuts it balanced per group
         # channels on the last dim (the output of a Linear layer: transformer MLPs, ConvNeXt blocks) instead of dim 1
         self.channels_last = bool(channels_last)
         if blocks > 1:  # entries outside the diagonal blocks get no gradient and stay exactly zero
@@ -119,12 +120,8 @@ class DGC(nn.Module):
         else:
             y = F.conv2d(x, w[:, :, None, None]) if x.dim() == 4 else torch.einsum("oc,nc...->no...", w, x)
         if self.capture:  # a module called several times in one forward (shared blocks): the mean over calls
-            pooled = _pool(y.detach(), self.channels_last).float()
-            if self.last_pooled is None or self.last_pooled.shape != pooled.shape:
-                self.last_pooled, self._pooled_calls = pooled, 1
-            else:
-                self._pooled_calls += 1
-                self.last_pooled = self.last_pooled + (pooled - self.last_pooled) / self._pooled_calls
+            self.last_pooled, self._pooled_calls = _mean_over_calls(
+                self.last_pooled, getattr(self, "_pooled_calls", 0), _pool(y.detach(), self.channels_last).float())
         return y
 
     # -- the channel groups of the lasso -------------------------------------------------
@@ -222,15 +219,18 @@ def tap_output(module: nn.Module, inputs, output):
         _keep_tap(module, _pool(output, isinstance(module, nn.Linear)))
 
 
+def _mean_over_calls(prev: Optional[torch.Tensor], calls: int, pooled: torch.Tensor):
+    """(running mean, calls) after one more call's pooled feature; a new shape starts over."""
+    if prev is None or prev.shape != pooled.shape:
+        return pooled, 1
+    return prev + (pooled - prev) / (calls + 1), calls + 1
+
+
 def _keep_tap(module: nn.Module, pooled: torch.Tensor) -> None:
     """The pooled feature of this forward; a module called several times (shared blocks) keeps the
     mean over its calls, as its compactor does."""
-    prev = module.__dict__.get("_cdd_tap")
-    if prev is None or prev.shape != pooled.shape:
-        module._cdd_tap, module._cdd_tap_calls = pooled, 1
-    else:
-        module._cdd_tap_calls += 1
-        module._cdd_tap = prev + (pooled - prev) / module._cdd_tap_calls
+    module._cdd_tap, module._cdd_tap_calls = _mean_over_calls(
+        module.__dict__.get("_cdd_tap"), module.__dict__.get("_cdd_tap_calls", 0), pooled)
 
 
 def tap_input(module: nn.Module, inputs):

@@ -45,7 +45,7 @@ def _zero_channels(dgc: DGC, threshold: float, min_keep: int, round_to: int = 1)
     ``kept_count`` rows (at least ``min_keep``, a multiple of ``round_to``); for a grouped site,
     the same count in every group (``kept_per_group``)."""
     norms = dgc.channel_norms()
-    groups = int(getattr(dgc, "groups", 1))
+    groups = int(dgc.groups)
     if groups > 1:
         size = dgc.channels // groups
         m = kept_per_group((norms >= threshold).cpu(), groups, min_keep, round_to)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import CDDConfig
-from .dgc import DGC, kept_count, site_kept
+from .dgc import DGC, site_kept
 from .flops import FlopsModel
 from .criteria import build_criterion
 from .rggr import MemoryQueue
@@ -75,7 +75,7 @@ class CDDState:
 
     def _kept(self, d: DGC, alive: torch.Tensor) -> int:
         """Channels merge keeps at ``d``'s site when ``alive`` (bool per channel) survive the cut."""
-        return site_kept(alive.cpu(), getattr(d, "groups", 1), self.cfg.min_channels, self.cfg.round_to)
+        return site_kept(alive.cpu(), d.groups, self.cfg.min_channels, self.cfg.round_to)
 
     def predicted_flops(self, kept: Optional[Dict[str, int]] = None) -> int:
         """FLOPs (torch-pruning's count) of the model ``merge`` would produce now."""
@@ -313,19 +313,18 @@ class CDDState:
     def _apply(self, proposals: List[Tuple[float, str, int]]) -> int:
         """Mask proposed (score, site, channel) in ascending score order, within the budget (a grouped
         site's budget counts the widest group: merge keeps that many channels in every group)."""
-        active = self.active_channels()
-        kept = self._planned_kept()
+        alive = {n: d.mask.bool().cpu() for n, d in self.compactors.items()}  # one copy, no sync per proposal
+        kept = {n: self._kept(d, alive[n]) for n, d in self.compactors.items()}
         if self._flops_met(kept):
             return 0
         added = 0
         for _, name, c in sorted(proposals):
             d = self.compactors[name]
-            if d.mask[c] == 0 or active[name] <= self.cfg.min_channels:
+            if not alive[name][c] or int(alive[name].sum()) <= self.cfg.min_channels:
                 continue
             d.mask[c] = 0.0
-            active[name] -= 1
-            kept[name] = (self._kept(d, d.mask.bool()) if getattr(d, "groups", 1) > 1 else
-                          kept_count(active[name], d.channels, self.cfg.min_channels, self.cfg.round_to))
+            alive[name][c] = False
+            kept[name] = self._kept(d, alive[name])
             added += 1
             if self._flops_met(kept):
                 break

@@ -134,23 +134,24 @@ def test_rggr_trains_a_vit_on_token_features_and_merges():
         x = torch.randn(8, 3, 32, 32, generator=g)
         labels = torch.randint(0, 4, (8,), generator=g)
         losses = distiller(x, labels)
+        pending = state.pending()  # RGGR's pooled (student, teacher) pairs of this step
         opt.zero_grad()
         cdd_plugin.distill.total_loss(losses).backward()
         opt.step()
-    pooled = next(iter(state.compactors.values())).last_pooled
-    assert pooled is None or pooled.shape[1] == 32
+    assert len(pending) == 2  # both blocks' MLP sets, each pooled over tokens to [batch, MLP width]
+    assert all(s_feat.shape == t_feat.shape == (8, 32) for s_feat, t_feat in pending.values())
     masked = sum(int((d.mask == 0).sum()) for d in state.compactors.values())
     assert masked > 0, state.report()
     check_exact(student, state, X)
 
 
-def test_channels_last_diag_and_block_settings_are_checked():
+def test_channels_last_compactor_is_identity_and_bad_settings_are_refused():
     d = cdd_plugin.DGC(6, "out", channels_last=True)
     x = torch.randn(2, 5, 6)
     assert torch.equal(d(x), x)
     with pytest.raises(ValueError):
         cdd_plugin.DGC(6, "in", blocks=2, channels_last=True)
-    with pytest.raises(SurgeryError):
+    with pytest.raises(SurgeryError, match="Fix: pass a small batch shaped like your training input"):
         cdd_plugin.insert_dgc(_small_vit(), torch.randn(2, 3, 16, 16), CDDConfig(sites="all"))
 
 

@@ -385,8 +385,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.latency:
         dense = build_dense()  # the same architecture, not compressed
         batches = sorted(set(args.batches))
-        lat = latency_pair(dense, model, tuple(x.shape[1:]), batches=batches, rounds=args.rounds, runs=args.runs,
-                           folder=os.path.dirname(os.path.abspath(args.out)))
+        lat = latency_pair(dense, model, tuple(x.shape[1:]), batches=batches, rounds=args.rounds,
+                           runs=args.runs)
         print(f"latency, medians of {args.rounds} interleaved rounds, {torch.get_num_threads()} thread(s):")
         print("  batch    PyTorch dense   merged  speed-up    onnxruntime dense   merged  speed-up")
         for b in batches:
