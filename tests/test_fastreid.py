@@ -463,14 +463,19 @@ def _umask() -> int:
 
 # -- mixed precision through FastReID's AMPTrainer ---------------------------------------------------
 class _ScaledLosses(torch.nn.Module):
-    """The CDD model, its losses multiplied by ``factor`` (a huge one makes the scaled gradients overflow)."""
+    """The CDD model; with ``magnitude`` set, every loss is rescaled to that size: a huge finite loss
+    (1e36 fits float32 whatever the loss was: a plain factor of 1e36 turned a feature loss above ~340
+    into inf, which FastReID stops on) whose gradients, times the loss scale, overflow."""
 
     def __init__(self, model):
         super().__init__()
-        self.inner, self.factor = model, 1.0
+        self.inner, self.magnitude = model, None
 
     def forward(self, data):
-        return {k: v * self.factor for k, v in self.inner(data).items()}
+        losses = self.inner(data)
+        if self.magnitude is None:
+            return losses
+        return {k: v * (self.magnitude / v.detach().abs().clamp_min(1e-12)) for k, v in losses.items()}
 
 
 @pytest.mark.slow
@@ -530,7 +535,7 @@ def test_fastreid_amp_trainer_unscales_before_rggr_and_skips_overflow_steps(mark
         weights = {n: d.weight.detach().clone() for n, d in state.compactors.items()}
         scale = scaler.get_scale()
         # a finite loss whose scaled gradients overflow (FastReID itself stops on an infinite loss)
-        model.factor = 1e36
+        model.magnitude = 1e36
         amp.iter = 3
         amp.run_step()
     assert scaler.get_scale() < scale  # torch skipped the step and lowered the scale
