@@ -1,7 +1,7 @@
 """Speed of every CDD stage, side by side in one run, as ratios.
 
     python benchmarks/bench_speed.py [--quick] [--memory] [--json PATH] [--arch resnet50] [--input 256x128] [--batch 16]
-                                     [--sites all|paper]
+                                     [--sites all|paper] [--round-to N] [--residual]
 
 1. training step: CDD + RGGR (DGCs, all losses, mask refresh every step) vs KD only
    (the same teacher, student and batch, no DGCs);
@@ -9,6 +9,7 @@
 3. latency of the merged student vs the unmerged student (with DGCs) vs the original
    dense student, set against the FLOPs ratio (channels zeroed to a 65% FLOPs cut by DGC
    norm, as at the end of CDD training: speed depends on shapes, not on how they were found);
+   ``--residual`` adds the model whose residual streams are compacted too, cut to the same FLOPs;
 4. time to merge a ResNet-50 and a ResNet-101;
 5. peak training memory and checkpoint size of KD and CDD (placements, queue storage types,
    queues left out of checkpoints), each in its own process (``--memory`` runs only this).
@@ -190,52 +191,77 @@ def bench_selection(batch, channels, bank, repeats):
 
 
 def _compress(model, state, keep):
-    """Zero the smallest DGC rows until merged FLOPs <= keep x dense (global norm ranking)."""
+    """Zero the smallest DGC rows until merged FLOPs <= keep x dense (global ranking by the criteria's
+    score; a residual group's channel is zeroed in every member)."""
     target = keep * state.dense_flops()
-    order = sorted(((float(n), name, c) for name, d in state.compactors.items()
-                    for c, n in enumerate(d.channel_norms().tolist())))
-    kept = {n: d.channels for n, d in state.compactors.items()}
-    chosen = {n: [] for n in kept}
-    for _, name, c in order:
+    order = sorted(((float(n), unit, c) for unit in state.units
+                    for c, n in enumerate(state.unit_scores(unit).tolist())))
+    kept = {u: state.unit_channels(u) for u in state.units}
+    chosen = {u: [] for u in kept}
+    for _, unit, c in order:
         if state.predicted_flops(kept) <= target:
             break
-        if kept[name] > 1:
-            kept[name] -= 1
-            chosen[name].append(c)
-    for name, chans in chosen.items():
-        state.compactors[name].zero_(chans)
+        if kept[unit] > 1:
+            kept[unit] -= 1
+            chosen[unit].append(c)
+    for unit, chans in chosen.items():
+        for name in state.units[unit]:
+            state.compactors[name].zero_(chans)
 
 
-def bench_latency(arch, size, batches, keep, runs, round_to=1):
-    from cdd_plugin.deploy import latency_pair
-
+def _compressed(dense, size, keep, round_to=1, residual=False):
+    """(student with DGCs cut to ``keep`` of the FLOPs, its merged model)."""
     torch.manual_seed(0)
-    dense = getattr(torchvision.models, arch)().eval()
     student = copy.deepcopy(dense)
-    x = torch.randn(1, 3, *size)
-    state = cdd_plugin.insert_dgc(student, x, cdd_plugin.CDDConfig(sites=SITES, round_to=round_to))
+    state = cdd_plugin.insert_dgc(student, torch.randn(1, 3, *size),
+                                  cdd_plugin.CDDConfig(sites=SITES, round_to=round_to, residual=residual))
     with torch.no_grad():
         for d in state.compactors.values():
             d.weight.add_(0.01 * torch.randn_like(d.weight))
     _compress(student, state, keep)
-    merged = cdd_plugin.merge(student)
+    return student, cdd_plugin.merge(student)
+
+
+def bench_latency(arch, size, batches, keep, runs, round_to=1, compare_residual=False):
+    """Merged latency against the dense network, and against the FLOPs factor; with ``compare_residual``
+    also the model whose residual streams are compacted too (``residual=True``), cut to the same FLOPs and
+    timed in the same alternation."""
+    from cdd_plugin.deploy import latency_table
+
+    torch.manual_seed(0)
+    dense = getattr(torchvision.models, arch)().eval()
+    x = torch.randn(1, 3, *size)
+    student, merged = _compressed(dense, size, keep, round_to)
+    models = {"dense": dense, "merged": merged}
+    if compare_residual:
+        models["residual"] = _compressed(dense, size, keep, round_to, residual=True)[1]
     out = {"arch": arch, "input": list(size), "keep_target": keep, "round_to": round_to}
     f_dense = cdd_plugin.profile(dense, x)["flops"]
-    f_merged = cdd_plugin.profile(merged, x)["flops"]
-    out["flops_dense"], out["flops_merged"] = f_dense, f_merged
-    out["flops_ratio"] = f_dense / f_merged
-    # PyTorch and onnxruntime, dense and merged, timed in alternation (medians of interleaved rounds)
-    pair = latency_pair(dense, merged, (3, *size), batches=batches, rounds=max(3, runs // 2), runs=2)
+    flops = {k: cdd_plugin.profile(m, x)["flops"] for k, m in models.items() if k != "dense"}
+    out["flops_dense"], out["flops_merged"] = f_dense, flops["merged"]
+    out["flops_ratio"] = f_dense / flops["merged"]
+    if compare_residual:
+        out["flops_residual"] = flops["residual"]
+        out["flops_ratio_residual"] = f_dense / flops["residual"]
+        out["params"] = {k: cdd_plugin.profile(m, x)["params"] for k, m in models.items()}
+    # PyTorch and onnxruntime, every model timed in alternation (medians of interleaved rounds)
+    table = latency_table(models, (3, *size), batches=batches, rounds=max(3, runs // 2), runs=2)
     for b in batches:
         xb = torch.randn(b, 3, *size)
-        p = pair[f"batch{b}"]
+        p = table[f"batch{b}"]
         t_unmerged = cdd_plugin.profile(student, xb, latency=True, runs=max(3, runs // 2))["latency_ms"]
-        out[f"batch{b}"] = {"dense_ms": p["torch_dense"], "unmerged_ms": t_unmerged, "merged_ms": p["torch_merged"],
-                            "speedup_vs_dense": p["torch_dense"] / p["torch_merged"],
-                            "speedup_over_flops_ratio": p["torch_dense"] / p["torch_merged"] / out["flops_ratio"],
-                            "ort_dense_ms": p["ort_dense"], "ort_merged_ms": p["ort_merged"],
-                            "ort_speedup_vs_dense": p["ort_dense"] / p["ort_merged"],
-                            "ort_speedup_over_flops_ratio": p["ort_dense"] / p["ort_merged"] / out["flops_ratio"]}
+        row = {"dense_ms": p["torch_dense"], "unmerged_ms": t_unmerged, "merged_ms": p["torch_merged"],
+               "speedup_vs_dense": p["torch_dense"] / p["torch_merged"],
+               "speedup_over_flops_ratio": p["torch_dense"] / p["torch_merged"] / out["flops_ratio"],
+               "ort_dense_ms": p["ort_dense"], "ort_merged_ms": p["ort_merged"],
+               "ort_speedup_vs_dense": p["ort_dense"] / p["ort_merged"],
+               "ort_speedup_over_flops_ratio": p["ort_dense"] / p["ort_merged"] / out["flops_ratio"]}
+        if compare_residual:
+            fr = out["flops_ratio_residual"]
+            row.update(residual_ms=p["torch_residual"], ort_residual_ms=p["ort_residual"],
+                       residual_speedup_over_flops_ratio=p["torch_dense"] / p["torch_residual"] / fr,
+                       ort_residual_speedup_over_flops_ratio=p["ort_dense"] / p["ort_residual"] / fr)
+        out[f"batch{b}"] = row
     return out
 
 
@@ -262,6 +288,8 @@ def main(argv=None) -> int:
                     "foldable set (the figures in RESULTS.md) or the authors' one per residual block")
     ap.add_argument("--round-to", type=int, default=1, help="[3]: merged widths a multiple of this (8 or 16 suit "
                     "CPU kernels) [default: 1]")
+    ap.add_argument("--residual", action="store_true", help="[3]: also the model with its residual streams "
+                    "compacted (CDDConfig(residual=True)), cut to the same FLOPs and timed in the same alternation")
     ap.add_argument("--step-only", action="store_true", help="only [1] and [2]: the training step and the selection")
     ap.add_argument("--latency-only", action="store_true", help="only [3]: merged latency in PyTorch and onnxruntime")
     ap.add_argument("--memory", action="store_true", help="only [5]: peak training memory and checkpoint size")
@@ -324,7 +352,7 @@ def _report_latency(res, args, size, runs):
           + (f", widths rounded to {args.round_to}" if args.round_to > 1 else "")
           + "; PyTorch and onnxruntime (CPU), dense and merged timed in alternation")
     res["latency"] = bench_latency(args.arch, size, [1, 32] if not args.quick else [1, 8], 0.35, runs,
-                                   round_to=args.round_to)
+                                   round_to=args.round_to, compare_residual=args.residual)
     L = res["latency"]
     print(f"    FLOPs dense {L['flops_dense'] / 1e9:.3f} G, merged {L['flops_merged'] / 1e9:.3f} G "
           f"(reduction x{L['flops_ratio']:.2f})")
@@ -336,6 +364,14 @@ def _report_latency(res, args, size, runs):
         print(f"    {'':<8} onnxruntime  dense {r['ort_dense_ms']:8.1f} ms  {'':>23}merged "
               f"{r['ort_merged_ms']:8.1f} ms  speed-up x{r['ort_speedup_vs_dense']:.2f} = "
               f"{r['ort_speedup_over_flops_ratio']:.2f} of the FLOPs reduction (target >= 0.8)")
+        if "residual_ms" in r:
+            print(f"    {'':<8} residual=True: PyTorch merged {r['residual_ms']:8.1f} ms = "
+                  f"{r['residual_speedup_over_flops_ratio']:.2f} of its FLOPs reduction (without: "
+                  f"{r['speedup_over_flops_ratio']:.2f}); onnxruntime {r['ort_residual_ms']:8.1f} ms = "
+                  f"{r['ort_residual_speedup_over_flops_ratio']:.2f} (without: {r['ort_speedup_over_flops_ratio']:.2f})")
+    if "flops_residual" in L:
+        print(f"    residual=True: FLOPs {L['flops_residual'] / 1e9:.3f} G (x{L['flops_ratio_residual']:.2f}); params "
+              + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in L["params"].items()))
 
 
 def _report_memory(res, arch, size, batch, queue):

@@ -55,7 +55,9 @@ budget), ``abl_ratio_authors`` (p = 0.5), ``abl_sites_authors`` / ``abl_sites_al
 masked rows only: ``CDDConfig.masked_lasso``), ``abl_live_lasso_p09`` (the same with p = 0.9, so
 masks grow faster under the weak live pull), ``abl_live_p09_feat_after`` (that, with the feature
 term read after the compactor), ``abl_live_p09_no_decay`` (that, with the compactors exempt from weight
-decay).
+decay). Beyond the paper: ``abl_residual`` and ``abl_live_p09_residual`` (the chosen row and the
+live-lasso row with ``CDDConfig(residual=True)``: the residual streams of stages 1-3 compacted too;
+the last stage is the embedding and stays dense).
 
 The lasso (METHOD.md section 6): the paper's 0.004 covers ~39,350 iterations after the mask start;
 the lasso's travel scales with iterations x LR x lambda, so the scaled value is 0.004 x 39,350 /
@@ -114,7 +116,9 @@ ABLATIONS = {"abl_feat_after": dict(feat_tap="after"), "abl_no_decay": dict(deca
              "abl_sites_all": dict(sites="all"), "abl_live_lasso_paper": dict(lasso=0.004),
              "abl_live_lasso_p09": dict(lasso=0.004, ratio=0.9),
              "abl_live_p09_feat_after": dict(lasso=0.004, ratio=0.9, feat_tap="after"),
-             "abl_live_p09_no_decay": dict(lasso=0.004, ratio=0.9, decay_compactors=False)}
+             "abl_live_p09_no_decay": dict(lasso=0.004, ratio=0.9, decay_compactors=False),
+             "abl_residual": dict(residual=True),
+             "abl_live_p09_residual": dict(lasso=0.004, ratio=0.9, residual=True)}
 LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CDD + RGGR (authors' placement)",
           "cdd_rggr_all": "CDD + RGGR, all sites", "cdd_norm": "CDD + norm (ResRep)",
           "cdd_lasso": "CDD, lasso only + cut", "tp": "torch-pruning one-shot + KD",
@@ -127,7 +131,9 @@ LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CD
           "abl_live_lasso_paper": "ablation: the paper's lasso on live rows, the scaled one on masked rows",
           "abl_live_lasso_p09": "ablation: as the row above, with p = 0.9 (masks grow faster)",
           "abl_live_p09_feat_after": "ablation: live lasso 0.004, p = 0.9, feature term after the compactor",
-          "abl_live_p09_no_decay": "ablation: live lasso 0.004, p = 0.9, no weight decay on compactors"}
+          "abl_live_p09_no_decay": "ablation: live lasso 0.004, p = 0.9, no weight decay on compactors",
+          "abl_residual": "beyond the paper: residual streams compacted too (residual=True)",
+          "abl_live_p09_residual": "beyond the paper: live lasso 0.004, p = 0.9, residual streams compacted too"}
 COMPRESSING = ["cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -147,7 +153,7 @@ def default_cache() -> Path:
 
 #: CDDConfig fields added after the study's cache was first written, at the value that changes nothing;
 #: a key leaves them out at that value, so a new setting does not invalidate hours of cached rows
-_KEY_NEUTRAL = {"round_to": 1, "masked_lasso": None, "queue_dtype": "float32"}
+_KEY_NEUTRAL = {"round_to": 1, "masked_lasso": None, "queue_dtype": "float32", "residual": False}
 #: fields that never change a training run (what a checkpoint holds)
 _KEY_IGNORED = ("checkpoint_queues",)
 

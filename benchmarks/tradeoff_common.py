@@ -430,9 +430,9 @@ def masked_row_stats(state) -> dict:
     """How far the masked DGC rows are from the merge threshold (the diagnosis of the lasso schedule)."""
     thr = state.cfg.threshold
     masked_norms, unmasked_below = [], 0
-    for d in state.compactors.values():
-        norms = d.channel_norms().float().cpu()
-        m = d.mask.bool().cpu()
+    for unit in state.units:  # a residual group counts each channel once (its members share the mask)
+        norms = state.unit_scores(unit).float().cpu()
+        m = state.unit_mask(unit).bool().cpu()
         masked_norms.append(norms[~m])
         unmasked_below += int((norms[m] < thr).sum())
     mn = torch.cat(masked_norms) if masked_norms else torch.zeros(0)
@@ -461,7 +461,7 @@ def train(row: str, model: nn.Module, data: StudyData, S: Settings, *, which: st
     distiller, feats = None, None
     if state is not None:
         distiller = CDDDistiller(model, teacher, state, loss_config(S)).to(dev).train()
-        total_ch = sum(s.channels for s in state.sites)
+        total_ch = sum(state.unit_channels(u) for u in state.units)
         dense = state.dense_flops()
     elif teacher is not None and S.feat_weight > 0:
         feats = FeaturePairs(model, teacher, feature_sites)

@@ -125,6 +125,14 @@ class CDDConfig:
     float16 refuses features beyond its range (65504). ``checkpoint_queues=False`` (ours) leaves
     the queues out of ``state_dict()``: a resumed run refills them from its next batches, so the
     masks chosen until they are full again use a smaller memory than an uninterrupted run's.
+
+    ``residual=True`` (ours, beyond the paper) also compacts the channels that residual additions
+    tie together (a ResNet stage's stream): every producer of such a group (each block's last
+    conv + BN, the projection shortcut) gets a compactor, their rows for one channel share ONE
+    mask and one group lasso over the stacked rows, and RGGR scores the group from the group's
+    output (the stage output, pooled; the teacher read at the same point). A channel zeroed in
+    every member is zero in the whole stream, so merge cuts it from every producer and consumer,
+    exactly. Groups that reach the model output (the embedding) are left dense.
     """
 
     lasso: float = 0.004
@@ -146,6 +154,7 @@ class CDDConfig:
     masked_lasso: Optional[float] = None
     queue_dtype: str = "float32"
     checkpoint_queues: bool = True
+    residual: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,7 +171,7 @@ class CDDConfig:
         if self.queue_dtype not in QUEUE_DTYPES:
             raise bad("queue_dtype", "unknown storage type of the memory queues",
                       f"use one of {', '.join(QUEUE_DTYPES)} (float32, the default, is the authors')")
-        for key in ("snap_to_zero", "decay_compactors", "checkpoint_queues"):
+        for key in ("snap_to_zero", "decay_compactors", "checkpoint_queues", "residual"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be True or False", f"set {key}=True or {key}=False")
         if self.criterion not in CRITERIA:

@@ -1,6 +1,6 @@
 """Mask criteria: which compactor rows stop receiving the task gradient now.
 
-Each criterion has one method, ``propose(state) -> [(score, site, channel), ...]``: the
+Each criterion has one method, ``propose(state) -> [(score, unit, channel), ...]``: the
 channels it would mask at this refresh, most expendable first (the score orders them).
 ``CDDState`` applies the proposals in order within the budget (``min_channels`` per site, the
 FLOPs target) and keeps masks once set, as the authors do. Like torch-pruning's importance
@@ -27,7 +27,8 @@ class Criterion:
 class RGGR(Criterion):
     """Retrieval-Guided Gradient Resetting (METHOD.md section 4): a channel is proposed when it is
     among the ``ratio`` least contributing channels for every (query, teacher neighbour) pair of
-    the batch; among proposals the smaller row norm goes first."""
+    the batch; among proposals the smaller row norm goes first. A residual group is scored from its
+    output (the stage output) and ranked by its members' root-mean-square row norm."""
 
     name = "rggr"
 
@@ -35,13 +36,12 @@ class RGGR(Criterion):
         cfg = state.cfg
         out: List[Proposal] = []
         for name, (s, t) in state.pending().items():
-            d = state.compactors[name]
             queue = state.queues[name]
             unimportant = select_unimportant(s, t, queue.bank(), cfg.k, cfg.ratio, cfg.metric,
                                              bank_norms=queue.bank_norms())
-            new = unimportant & d.mask.bool().to(unimportant.device)
+            new = unimportant & state.unit_mask(name).bool().to(unimportant.device)
             if new.any():
-                norms = d.channel_norms().cpu()
+                norms = state.unit_scores(name).cpu()
                 out.extend((float(norms[c]), name, c) for c in new.nonzero().flatten().tolist())
         return out
 
@@ -54,8 +54,11 @@ class Norm(Criterion):
 
     def propose(self, state) -> List[Proposal]:
         cfg = state.cfg
-        ranked = sorted((float(d.channel_norms().cpu()[c]), name, c) for name, d in state.compactors.items()
-                        for c in d.mask.nonzero().flatten().tolist())
+        ranked = []
+        for unit in state.units:
+            norms = state.unit_scores(unit).cpu()
+            ranked.extend((float(norms[c]), unit, c) for c in state.unit_mask(unit).nonzero().flatten().tolist())
+        ranked.sort()
         active: Dict[str, int] = state.active_channels()
         chosen: List[Proposal] = []
         for p in ranked:

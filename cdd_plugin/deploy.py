@@ -141,14 +141,14 @@ def interleaved_latency(runners: Dict[str, Callable[[], Any]], rounds: int = 5, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def latency_pair(dense: nn.Module, merged: nn.Module, input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
-                 rounds: int = 5, runs: int = 3) -> Dict[str, Dict[str, float]]:
-    """Latency of ``dense`` and ``merged`` in PyTorch and in onnxruntime (exported and checked
-    here, in memory), per batch size, all measured in alternation. Returns ``{f"batch{b}":
-    {"torch_dense", "torch_merged", "ort_dense", "ort_merged"}}`` in milliseconds."""
+def latency_table(models: Dict[str, nn.Module], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
+                  rounds: int = 5, runs: int = 3) -> Dict[str, Dict[str, float]]:
+    """Latency of every named model in PyTorch and in onnxruntime (exported and checked here, in
+    memory), per batch size, all measured in alternation. Returns ``{f"batch{b}": {f"torch_{name}",
+    f"ort_{name}", ...}}`` in milliseconds."""
     out: Dict[str, Dict[str, float]] = {}
     x1 = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    sessions = {name: ort_session(onnx_bytes(net, x1)["onnx"]) for name, net in (("dense", dense), ("merged", merged))}
+    sessions = {name: ort_session(onnx_bytes(net, x1)["onnx"]) for name, net in models.items()}
     for b in batches:
         xb = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(b))
         feed = {"images": xb.numpy()}
@@ -162,11 +162,20 @@ def latency_pair(dense: nn.Module, merged: nn.Module, input_shape: Sequence[int]
         def ort_run(sess):
             return lambda: sess.run(None, feed)
 
-        out[f"batch{b}"] = interleaved_latency({
-            "torch_dense": torch_run(dense.eval()), "torch_merged": torch_run(merged.eval()),
-            "ort_dense": ort_run(sessions["dense"]), "ort_merged": ort_run(sessions["merged"])},
-            rounds=rounds, runs=runs)
+        fns = {}
+        for name, net in models.items():
+            fns[f"torch_{name}"] = torch_run(net.eval())
+            fns[f"ort_{name}"] = ort_run(sessions[name])
+        out[f"batch{b}"] = interleaved_latency(fns, rounds=rounds, runs=runs)
     return out
 
 
-__all__ = ["ExportError", "export_onnx", "interleaved_latency", "latency_pair", "onnx_bytes", "ort_session"]
+def latency_pair(dense: nn.Module, merged: nn.Module, input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
+                 rounds: int = 5, runs: int = 3) -> Dict[str, Dict[str, float]]:
+    """``latency_table`` of a dense and a merged model: ``{f"batch{b}": {"torch_dense", "torch_merged",
+    "ort_dense", "ort_merged"}}`` in milliseconds."""
+    return latency_table({"dense": dense, "merged": merged}, input_shape, batches, rounds, runs)
+
+
+__all__ = ["ExportError", "export_onnx", "interleaved_latency", "latency_pair", "latency_table", "onnx_bytes",
+           "ort_session"]

@@ -145,12 +145,14 @@ class DGC(nn.Module):
         return lasso * self.channel_norms().sum()
 
     @torch.no_grad()
-    def reset_grad_(self, lasso: float, masked_lasso: Optional[float] = None) -> None:
+    def reset_grad_(self, lasso: float, masked_lasso: Optional[float] = None,
+                    norms: Optional[torch.Tensor] = None) -> None:
         """In place: grad = mask * grad + d(lasso * sum ||group||)/dQ (METHOD.md section 4).
 
         ``masked_lasso`` (default: ``lasso``, the authors' form) is the lasso strength of the masked
         groups alone, so a short schedule can drive masked rows to zero in time without a larger
-        pull on the rows that still learn."""
+        pull on the rows that still learn. ``norms`` (one per channel) replaces the groups' own norms:
+        a residual group's lasso runs over the stacked rows of all its members."""
         w = self.weight
         g = w.grad
         if g is None:
@@ -160,7 +162,8 @@ class DGC(nn.Module):
         if self.kind == "diag":
             g.mul_(m).add_(torch.sign(w) * lam)
         elif self.kind == "out":
-            g.mul_(m[:, None]).add_(w / w.norm(dim=1, keepdim=True).clamp_min(_EPS) * lam[:, None])
+            n = w.norm(dim=1) if norms is None else norms.to(w.dtype)
+            g.mul_(m[:, None]).add_(w / n.clamp_min(_EPS)[:, None] * lam[:, None])
         else:
             g.mul_(m[None, :]).add_(w / w.norm(dim=0, keepdim=True).clamp_min(_EPS) * lam[None, :])
 

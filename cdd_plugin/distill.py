@@ -162,18 +162,17 @@ class CDDDistiller(nn.Module):
         t_mods = dict(self.teacher.named_modules())
         explicit = dict(self.losses.pairs)
         pairs, unpaired = {}, {}
-        for site in self.cdd.sites:
-            sname, where = site.tap
-            tname = explicit.get(sname, explicit.get(site.name, sname))
+        for unit, (sname, where) in self.cdd.tap_points().items():
+            tname = explicit.get(sname, explicit.get(unit, sname))
             tmod = t_mods.get(tname)
             if tmod is None:
-                unpaired[site.name] = f"the teacher has no module {tname!r}"
+                unpaired[unit] = f"the teacher has no module {tname!r}"
                 continue
-            want, got = site.channels, _channels_at(tmod, where)
+            want, got = self.cdd.unit_channels(unit), _channels_at(tmod, where)
             if got is not None and got != want:
-                unpaired[site.name] = f"teacher {tname} has {got} channels, the student site {want}"
+                unpaired[unit] = f"teacher {tname} has {got} channels, the student site {want}"
                 continue
-            pairs[site.name] = (sname, where, tname)
+            pairs[unit] = (sname, where, tname)
         if unpaired:
             logger.info("CDD: %d DGC site(s) have no teacher partner; RGGR uses the student's own features as "
                         "memory there (self-retrieval) and no feature loss is applied: %s", len(unpaired),
@@ -185,11 +184,12 @@ class CDDDistiller(nn.Module):
         t_mods = dict(self.teacher.named_modules())
         self._taps: Dict[str, Tuple[str, Optional[str]]] = {}
         before = self.losses.feat_tap == "before"
-        for site in self.cdd.sites:
-            sname, where = site.tap
-            tname = self.pairs[site.name][2] if site.name in self.pairs else None
-            self._taps[site.name] = (sname, tname)
-            for mod, is_student in ([(s_mods[sname], True)] + ([(t_mods[tname], False)] if tname else [])):
+        for unit, (sname, where) in self.cdd.tap_points().items():
+            tname = self.pairs[unit][2] if unit in self.pairs else None
+            # a residual group's student side is read by the state itself (capture), for RGGR only
+            self._taps[unit] = (None if self.cdd.tied(unit) else sname, tname)
+            student = [] if self.cdd.tied(unit) else [(s_mods[sname], True)]
+            for mod, is_student in (student + ([(t_mods[tname], False)] if tname else [])):
                 hooks, fn = ((mod._forward_pre_hooks, tap_input) if where == "input"
                              else (mod._forward_hooks, tap_output))
                 if fn in hooks.values():
@@ -243,8 +243,10 @@ class CDDDistiller(nn.Module):
             self.cdd.capture(True)
             s_logits, s_emb = self.student_forward(self.student, images, labels)
             s_feats = self._collect(self.student, teacher=False)
-            # RGGR's student feature: the pooled output of each compactor
-            r_feats = {n: d.last_pooled for n, d in self.cdd.compactors.items() if d.last_pooled is not None}
+            # RGGR's student feature: the pooled output of each compactor, or of each residual group
+            r_feats = {u: self.cdd.compactors[m[0]].last_pooled for u, m in self.cdd.units.items()
+                       if not self.cdd.tied(u) and self.cdd.compactors[m[0]].last_pooled is not None}
+            r_feats.update(self.cdd.group_features())
         finally:
             self._arm(False)
             self.cdd.capture(False)
@@ -273,6 +275,8 @@ class CDDDistiller(nn.Module):
                                  "kd_weight=0")
             out["loss_kd"] = cfg.kd_weight * kd_loss(s_logits, t_logits, cfg.temperature)
         if cfg.feat_weight > 0 and self.pairs:
+            # a residual group's output is read after its compactors: fitting it to the teacher would pull
+            # every live row toward the teacher and fight the lasso, so it feeds RGGR only
             terms = [(s_feats[n].float() - t_feats[n].float()).norm(dim=1).mean()
                      for n in self.pairs if n in s_feats and n in t_feats]
             if terms:

@@ -7,8 +7,8 @@ kept channels of the sites around it. The merged count is then a quadratic polyn
 
     F(n) = c0 + sum_s a_s n_s + sum_{s,t} B_st n_s n_t
 
-in the kept channels n_s of each site (a conv between two sites is bilinear, anything
-per-channel is linear). Folding is accounted for: a BatchNorm folded into its conv
+in the kept channels n_s of each unit (a site, or the tied members of a residual group; a
+conv between two units is bilinear, anything per-channel is linear). Folding is accounted for: a BatchNorm folded into its conv
 disappears, the conv gains a bias.
 """
 from __future__ import annotations
@@ -64,21 +64,30 @@ class FlopsModel:
     @classmethod
     def build(cls, model: nn.Module, example_inputs: Any, sites, *, forward_fn: Optional[Callable] = None) -> "FlopsModel":
 
-        index = {s.name: i for i, s in enumerate(sites)}
-        S = len(sites)
-        C = [s.channels for s in sites]
+        # one variable per unit: a site, or all the tied members of a residual group (one kept count)
+        units: List[str] = []
+        for s in sites:
+            if (s.tie or s.name) not in units:
+                units.append(s.tie or s.name)
+        unit_of = {s.name: units.index(s.tie or s.name) for s in sites}
+        S = len(units)
+        C = [0] * S
         out_site: Dict[int, int] = {}
-        in_sites: Dict[int, List[tuple]] = {}   # consumer -> [(site, input features from that site)]
+        in_sites: Dict[int, List[tuple]] = {}   # consumer -> [(unit, input features from that unit)]
         folded_norms = set()
         gains_bias: Dict[int, int] = {}
-        for i, s in enumerate(sites):
+        registered = set()
+        for s in sites:
+            i = unit_of[s.name]
+            C[i] = s.channels
             prod = get_module(model, s.producer)
             out_site[id(prod)] = i
             if s.depthwise:
                 out_site[id(get_module(model, s.depthwise))] = i
-            for cname in s.consumers:
+            for cname in s.consumers if i not in registered else []:  # a group's consumers once
                 share = s.consumer_shares.get(cname, s.channels)
                 in_sites.setdefault(id(get_module(model, cname)), []).append((i, share))
+            registered.add(i)
             if s.norm:
                 out_site[id(get_module(model, s.norm))] = i
             if s.kind in ("out", "diag"):
@@ -87,8 +96,8 @@ class FlopsModel:
                     folded_norms.add(id(get_module(model, s.norm)))
                 if target.bias is None:
                     gains_bias[id(target)] = i
-        dgc_site = {id(get_module(model, s.name)): index[s.name] for s in sites}
-        last_axis = {index[s.name] for s in sites if s.channels_last}
+        dgc_site = {id(get_module(model, s.name)): unit_of[s.name] for s in sites}
+        last_axis = {unit_of[s.name] for s in sites if s.channels_last}
 
         c0 = 0.0
         a = np.zeros(S)
@@ -170,11 +179,18 @@ class FlopsModel:
                 mark(output, segs, axis)
 
         class _CatTracker(TorchFunctionMode):
-            """Carries channel composition through torch.cat along dim 1."""
+            """Carries channel composition through torch.cat along dim 1, and through functions whose
+            result has the shape of a traced argument in an elementwise function (``out = out + identity``,
+            ``F.relu``)."""
 
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)
+                if func in _ELEMENTWISE and isinstance(out, torch.Tensor) and out.dim() > 1 and id(out) not in segments:
+                    for t in args:
+                        if isinstance(t, torch.Tensor) and id(t) in segments and t.shape == out.shape:
+                            mark(out, segments[id(t)], axes[id(t)])
+                            break
                 if func in (torch.cat, torch.concat):
                     tensors = args[0] if args else kwargs.get("tensors")
                     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
@@ -199,7 +215,14 @@ class FlopsModel:
             for h in handles:
                 h.remove()
             model.train(was_training)
-        return cls([s.name for s in sites], C, c0 / batch, a / batch, Bm / batch)
+        return cls(units, C, c0 / batch, a / batch, Bm / batch)
+
+
+T = torch.Tensor
+#: functions through which a tensor keeps the channel composition of its (same-shaped) argument
+_ELEMENTWISE = {torch.add, torch.sub, torch.mul, torch.relu, torch.relu_, torch.nn.functional.relu, torch.clone,
+                T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, T.sub, T.__sub__, T.mul, T.__mul__, T.relu,
+                T.relu_, T.clone, T.contiguous}
 
 
 def _batch_size(x) -> int:

@@ -40,11 +40,13 @@ def _set_weight_bias(layer: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor
         layer.bias = nn.Parameter(b.contiguous())
 
 
-def _zero_channels(dgc: DGC, threshold: float, min_keep: int, round_to: int = 1) -> List[int]:
+def _zero_channels(dgc: DGC, threshold: float, min_keep: int, round_to: int = 1,
+                   norms: Optional[torch.Tensor] = None) -> List[int]:
     """The rows merge cuts: those below ``threshold``, less the largest of them needed to keep
     ``kept_count`` rows (at least ``min_keep``, a multiple of ``round_to``); for a grouped site,
-    the same count in every group (``kept_per_group``)."""
-    norms = dgc.channel_norms()
+    the same count in every group (``kept_per_group``). ``norms`` replaces the compactor's own
+    (a residual group's members are cut by the norms of their stacked rows, all alike)."""
+    norms = dgc.channel_norms() if norms is None else norms
     groups = int(dgc.groups)
     if groups > 1:
         size = dgc.channels // groups
@@ -160,12 +162,14 @@ def merge(model: nn.Module, *, inplace: bool = False, threshold: Optional[float]
     dtype = next(model.parameters()).dtype
     plan = []
     for name, dgc in dgcs.items():
-        site = getattr(dgc, "site", None)
-        if site is None:
+        if getattr(dgc, "site", None) is None:
             raise MergeError(f"DGC {name} carries no site description; it was not inserted by cdd_plugin.insert_dgc")
+    stacked = _tied_norms(dgcs)
+    for name, dgc in dgcs.items():
+        site = dgc.site
         thr = float(threshold if threshold is not None else getattr(dgc, "threshold", 1e-5))
         plan.append((name, site, _zero_channels(dgc, thr, int(getattr(dgc, "min_channels", 1)),
-                                                int(getattr(dgc, "round_to", 1)))))
+                                                int(getattr(dgc, "round_to", 1)), stacked.get(site.get("tie")))))
     _check_merge_inputs(model, example_inputs, forward_fn)
     try:
         work = _build_merged(model, plan, example_inputs, customized_pruners, forward_fn)
@@ -191,6 +195,24 @@ def merge(model: nn.Module, *, inplace: bool = False, threshold: Optional[float]
         model.__dict__.update(work.__dict__)
         return model
     return work
+
+
+def _tied_norms(dgcs) -> dict:
+    """Residual group -> the norms of its members' stacked rows (one cut for every member). A group
+    whose members do not all carry the same width is refused: one mask cannot cover them."""
+    members: dict = {}
+    for d in dgcs.values():
+        tie = d.site.get("tie")
+        if tie:
+            members.setdefault(tie, []).append(d)
+    out = {}
+    for tie, ds in members.items():
+        if len({d.channels for d in ds}) > 1:
+            raise MergeError(f"the residual group {tie} has compactors of different widths "
+                             f"({sorted({d.channels for d in ds})}); its members must share one mask. The model was "
+                             "changed after insert_dgc; merge the model as insert_dgc and training left it")
+        out[tie] = torch.stack([d.channel_norms() for d in ds]).pow(2).sum(0).sqrt()
+    return out
 
 
 #: largest relative output difference (float64) between a merged network and the trained one
@@ -229,9 +251,12 @@ def _build_merged(model: nn.Module, plan, example_inputs, customized_pruners, fo
     if any(zero for _, _, zero in folded):
         DG = build_graph(work, _to_device(_as_float(example_inputs), dev_param.device),
                          customized_pruners=customized_pruners, forward_fn=forward_fn)
+        pruned_ties = set()
         for site, _, zero in folded:
-            if not zero:
-                continue
+            if not zero or (site.get("tie") and site["tie"] in pruned_ties):
+                continue  # a residual group's channels go from every member at once, through its first
+            if site.get("tie"):
+                pruned_ties.add(site["tie"])
             if site["kind"] == "in":
                 layer = get_module(work, site["host"])
             else:
@@ -319,11 +344,16 @@ def _difference(model: nn.Module, merged: nn.Module, plan, example_inputs, forwa
 
 
 def _find_culprit(model: nn.Module, plan, example_inputs, customized_pruners, forward_fn) -> Optional[str]:
-    """The first site whose cut alone breaks the merge (None if no single site does)."""
+    """The first site whose cut alone breaks the merge (None if no single site does); the members
+    of a residual group are cut together."""
+    tested = set()
     for i, (name, site, zero) in enumerate(plan):
-        if not zero:
+        tie = site.get("tie")
+        if not zero or tie in tested:
             continue
-        alone = [(n, s, z if j == i else []) for j, (n, s, z) in enumerate(plan)]
+        if tie:
+            tested.add(tie)
+        alone = [(n, s, z if (j == i or (tie and s.get("tie") == tie)) else []) for j, (n, s, z) in enumerate(plan)]
         try:
             work = _build_merged(model, alone, example_inputs, customized_pruners, forward_fn)
         except Exception:

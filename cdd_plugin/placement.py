@@ -8,7 +8,8 @@ site, or a stated reason why not. Rules only; attaching, probing and the transac
 * producer -> BN -> ... grouped conv            : as above, with ``groups``: merge keeps the same
   number of channels in each group (a grouped producer gets a block-diagonal compactor)
 * a Linear producer (transformer MLP: Linear -> GELU -> Linear): output-side DGC over the last dim
-* channels tied across several producers (a residual addition): skipped, as in the paper
+* channels tied across several producers (a residual addition): skipped, as in the paper; with
+  ``residual=True`` a ``ResidualGroup``: one output-side DGC per producer, tied (one mask)
 * ``sites='paper'``: of those, only the set that feeds a residual block's last convolution
 """
 from __future__ import annotations
@@ -40,13 +41,26 @@ class DGCSite:
     groups: int = 1                # the set passes through grouped convs: cut the same count in each group
     blocks: int = 1                # the producer is grouped: the compactor is block-diagonal (``groups`` blocks)
     channels_last: bool = False    # the host is a Linear layer: channels on the last dim (transformer MLPs)
+    tie: Optional[str] = None      # the residual group this compactor belongs to (one mask for all its members)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "channels": self.channels, "host": self.host,
                 "producer": self.producer, "norm": self.norm, "depthwise": self.depthwise,
                 "consumers": list(self.consumers), "tap": list(self.tap),
                 "consumer_shares": dict(self.consumer_shares), "groups": self.groups, "blocks": self.blocks,
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "tie": self.tie}
+
+
+@dataclass
+class ResidualGroup:
+    """Channels tied by residual additions (a ResNet stage's stream): one compactor per producer,
+    one mask and one group lasso over the stacked rows of all of them."""
+
+    name: str                      # ``residual:<first member's host>``
+    channels: int
+    members: List[DGCSite]
+    consumers: List[str]
+    consumer_shares: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,9 +72,10 @@ class Skipped:
 class Planner:
     """Classifies torch-pruning groups into DGC sites or stated skips."""
 
-    def __init__(self, model: nn.Module, DG: tp.DependencyGraph):
+    def __init__(self, model: nn.Module, DG: tp.DependencyGraph, residual: bool = False):
         self.model = model
         self.DG = DG
+        self.residual = residual     # channels tied by residual additions become ResidualGroups
         self.name_of = {m: n for n, m in model.named_modules()}
         self.customized = tuple(t for t in DG.CUSTOMIZED_PRUNERS.keys() if isinstance(t, type))
         self.coupled: set = set()   # producers of channel sets tied by a residual addition
@@ -120,6 +135,8 @@ class Planner:
         if len(producers) != 1:
             if len(producers) == 0:
                 return skip("no dense producer owns these channels")
+            if self.residual:
+                return self._residual(group, producers, consumers, depthwise, norms, shares)
             return skip(f"channels are coupled across {len(producers)} producers ({', '.join(names(producers)[:4])}"
                         f"{', ...' if len(producers) > 4 else ''}) by a residual addition or concatenation; "
                         "the paper does not compact coupled channels", names(producers))
@@ -196,6 +213,56 @@ class Planner:
         return DGCSite(name=f"{pname}.{DGC_ATTR}", kind="out", channels=channels, host=pname, producer=pname,
                        consumers=consumer_names, tap=(pname, "output"), groups=groups, blocks=blocks,
                        channels_last=isinstance(producer, nn.Linear)), None
+
+
+    def _residual(self, group, producers, consumers, depthwise, norms, shares):
+        """A residual group: one tied output-side compactor per producer, or the reason why not."""
+        order = {m: i for i, m in enumerate(self.model.modules())}
+        producers = sorted(producers, key=lambda m: order.get(m, len(order)))
+        name = lambda m: self.name_of.get(m, type(m).__name__)  # noqa: E731
+        pnames = [name(p) for p in producers]
+
+        def skip(reason: str) -> Tuple[None, Skipped]:
+            return None, Skipped(pnames, f"residual group of {len(producers)} producers: {reason}")
+
+        width = {p: (p.out_channels if isinstance(p, nn.Conv2d) else p.out_features) for p in producers}
+        tied = {dep.target.module: len(idxs) for dep, idxs in group if dep.target.module in width
+                and self.DG.is_out_channel_pruning_fn(dep.handler)}
+        if len(set(width.values())) > 1 or any(tied.get(p, 0) != width[p] for p in producers):
+            parts = ", ".join(f"{name(p)} {tied.get(p, 0)} of {width[p]}" for p in producers[:4])
+            return skip(f"its members disagree in width ({parts} channels tied): only part of a producer's "
+                        "channels is tied (a concatenation?), so one mask cannot cover every member")
+        channels = width[producers[0]]
+        if channels < 2:
+            return skip("the stream has a single channel")
+        odd = [m for m in producers + consumers if not is_dense(m)] + list(depthwise)
+        if odd:
+            return skip(f"the grouped or depthwise convolution {name(odd[0])} reads or writes the stream; tied "
+                        "compactors need dense layers around the stream")
+        member_norm = {}
+        for p in producers:
+            outs = self._node_outputs(p)
+            member_norm[p] = outs[0] if len(outs) == 1 and isinstance(outs[0], nn.Module) and foldable_bn(outs[0]) \
+                else None
+        stray = [m for m in norms if all(m is not b for b in member_norm.values())]
+        if stray:
+            return skip(f"{type(stray[0]).__name__} {name(stray[0])} sits on the stream itself (e.g. a pre-activation "
+                        "block or a transformer's LayerNorm); a zero channel would not stay zero through it, so no "
+                        "channel could be removed exactly")
+        if not consumers:
+            return skip("no layer reads the stream whose inputs merge could cut")
+        members = []
+        for p in producers:
+            bn = member_norm[p]
+            host = name(bn) if bn is not None else name(p)
+            members.append(DGCSite(name=f"{host}.{DGC_ATTR}", kind="out", channels=channels, host=host,
+                                   producer=name(p), norm=name(bn) if bn is not None else None,
+                                   consumers=[name(c) for c in consumers], tap=("", "input"),
+                                   channels_last=isinstance(p, nn.Linear)))
+        gname = f"residual:{members[0].host}"
+        for m in members:
+            m.tie = gname
+        return ResidualGroup(gname, channels, members, [name(c) for c in consumers], dict(shares)), None
 
 
 def paper_sites(sites: List[DGCSite], coupled: set) -> Tuple[List[DGCSite], List[Skipped]]:

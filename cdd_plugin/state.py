@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import CDDConfig
-from .dgc import DGC, site_kept
+from .dgc import DGC, _mean_over_calls, _pool, site_kept
 from .flops import FlopsModel
 from .criteria import build_criterion
 from .rggr import MemoryQueue
@@ -38,6 +39,11 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 class CDDState:
     """DGC sites, masks, teacher memory queues and the mask schedule of one student.
 
+    Masks, queues, criteria and FLOPs work on UNITS: a unit is one site, or the members of a
+    residual group (``CDDConfig(residual=True)``), which share one mask, one queue (read at the
+    group's output) and one group lasso over their stacked rows. Without residual groups every
+    unit is a site of the same name. ``compactors`` holds every DGC module (members included).
+
     ``state_dict()`` / ``load_state_dict()`` carry everything needed to resume exactly
     (the DGC weights and masks also live in the model's own state dict).
     """
@@ -48,10 +54,19 @@ class CDDState:
         self.sites = sites
         self.skipped = skipped
         self.compactors: Dict[str, DGC] = {s.name: model.get_submodule(s.name) for s in sites}
+        self.units: Dict[str, List[str]] = {}      # unit -> its compactors (one, or a residual group's members)
+        self._unit_site: Dict[str, DGCSite] = {}   # unit -> its first site (channels, tap, groups)
+        for s in sites:
+            self.units.setdefault(s.tie or s.name, []).append(s.name)
+            self._unit_site.setdefault(s.tie or s.name, s)
+        # a residual group's student feature: the pooled input of its tap module, kept while capturing
+        self._group_taps = {u: model.get_submodule(s.tap[0]) for u, s in self._unit_site.items() if s.tie}
+        self._group_pooled: Dict[str, Tuple[torch.Tensor, int]] = {}
+        self._group_hooks: list = []
         self.flops_model = flops_model
         self.iteration = 0
-        self.queues: Dict[str, MemoryQueue] = {s.name: MemoryQueue(cfg.queue_size, s.channels, cfg.queue_dtype)
-                                               for s in sites}
+        self.queues: Dict[str, MemoryQueue] = {u: MemoryQueue(cfg.queue_size, s.channels, cfg.queue_dtype)
+                                               for u, s in self._unit_site.items()}
         self._pending: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_update: Dict[str, int] = {}
         self.history: List[dict] = []
@@ -59,46 +74,75 @@ class CDDState:
 
     # -- introspection -------------------------------------------------------------------
     def tap_points(self) -> Dict[str, Tuple[str, str]]:
-        return {s.name: tuple(s.tap) for s in self.sites}
+        """Unit -> (module, "input" | "output") where its feature is read (teacher and student)."""
+        return {u: tuple(s.tap) for u, s in self._unit_site.items()}
+
+    def tied(self, unit: str) -> bool:
+        """Whether ``unit`` is a residual group (several tied compactors)."""
+        return self._unit_site[unit].tie is not None
+
+    def unit_channels(self, unit: str) -> int:
+        return self._unit_site[unit].channels
+
+    def unit_mask(self, unit: str) -> torch.Tensor:
+        """The unit's mask (every member of a residual group holds the same one)."""
+        return self.compactors[self.units[unit][0]].mask
+
+    def unit_norms(self, unit: str) -> torch.Tensor:
+        """One group norm per channel of the unit; a residual group's over the stacked rows of its members."""
+        members = [self.compactors[n] for n in self.units[unit]]
+        if len(members) == 1:
+            return members[0].channel_norms()
+        return torch.stack([d.channel_norms() for d in members]).pow(2).sum(0).sqrt()
+
+    def unit_scores(self, unit: str) -> torch.Tensor:
+        """Per channel, the norm that criteria rank and the proximal snap tests: a residual group's
+        stacked norm over the square root of its member count (its members' root-mean-square row
+        norm). The group lasso is weighted by that square root (the usual sqrt(group size) of the
+        group lasso), so this score falls by lr x lasso per step for a group's channel as for a
+        single row, and neither kind is ranked behind the other for its size."""
+        return self.unit_norms(unit) / len(self.units[unit]) ** 0.5
 
     def masks(self) -> Dict[str, torch.Tensor]:
-        return {n: d.mask for n, d in self.compactors.items()}
+        return {u: self.unit_mask(u) for u in self.units}
 
     def active_channels(self) -> Dict[str, int]:
-        """Channels whose mask is still 1 (the task gradient reaches them)."""
-        return {n: int(d.mask.sum().item()) for n, d in self.compactors.items()}
+        """Channels whose mask is still 1 (the task gradient reaches them), per unit."""
+        return {u: int(self.unit_mask(u).sum().item()) for u in self.units}
 
     def kept_channels(self) -> Dict[str, int]:
-        """Channels merge would keep now (group norm not below the threshold; at least ``min_channels``).
+        """Channels merge would keep now per unit (group norm not below the threshold; at least ``min_channels``).
         A NaN norm counts as kept, as merge counts it (and merge refuses non-finite compactors)."""
-        return {n: self._kept(d, ~(d.channel_norms() < self.cfg.threshold)) for n, d in self.compactors.items()}
+        return {u: self._kept(u, ~(self.unit_norms(u) < self.cfg.threshold)) for u in self.units}
 
-    def _kept(self, d: DGC, alive: torch.Tensor) -> int:
-        """Channels merge keeps at ``d``'s site when ``alive`` (bool per channel) survive the cut."""
-        return site_kept(alive.cpu(), d.groups, self.cfg.min_channels, self.cfg.round_to)
+    def _kept(self, unit: str, alive: torch.Tensor) -> int:
+        """Channels merge keeps at ``unit`` when ``alive`` (bool per channel) survive the cut."""
+        return site_kept(alive.cpu(), self._unit_site[unit].groups, self.cfg.min_channels, self.cfg.round_to)
 
     def predicted_flops(self, kept: Optional[Dict[str, int]] = None) -> int:
         """FLOPs (torch-pruning's count) of the model ``merge`` would produce now."""
         kept = kept or self.kept_channels()
-        return self.flops_model([kept[s.name] for s in self.sites])
+        return self.flops_model([kept[u] for u in self.flops_model.names])
 
     def planned_flops(self) -> int:
         """FLOPs once every masked channel has reached zero."""
         return self.predicted_flops(self._planned_kept())
 
     def _planned_kept(self) -> Dict[str, int]:
-        return {n: self._kept(d, d.mask.bool()) for n, d in self.compactors.items()}
+        return {u: self._kept(u, self.unit_mask(u).bool()) for u in self.units}
 
     def dense_flops(self) -> int:
         return self.flops_model.dense()
 
     def lasso_value(self) -> float:
-        return float(sum(d.lasso_value(self.cfg.lasso) for d in self.compactors.values()))
+        """The group-lasso term: lasso x sum of group norms (a residual group's stacked norm weighted by
+        the square root of its member count)."""
+        return float(sum(self.cfg.lasso * len(m) ** 0.5 * self.unit_norms(u).sum() for u, m in self.units.items()))
 
     def summary(self) -> dict:
         dense = self.dense_flops()
         now = self.predicted_flops()
-        total = sum(s.channels for s in self.sites)
+        total = sum(s.channels for s in self._unit_site.values())
         return {
             "iteration": self.iteration,
             "channels_total": total,
@@ -114,12 +158,15 @@ class CDDState:
     def queue_bytes(self) -> int:
         """Bytes the memory queues take once full (rows in ``queue_dtype`` plus float32 norms)."""
         per = getattr(torch, self.cfg.queue_dtype).itemsize
-        return sum(self.cfg.queue_size * (s.channels * per + 4) for s in self.sites)
+        return sum(self.cfg.queue_size * (s.channels * per + 4) for s in self._unit_site.values())
 
     def report(self) -> str:
-        lines = [f"CDD surgery: {len(self.sites)} DGC site(s), {sum(s.channels for s in self.sites)} prunable "
-                 f"channels; criterion={self.cfg.criterion}, lasso={self.cfg.lasso}, threshold={self.cfg.threshold}",
-                 f"  memory queues: {self.cfg.queue_size} x {sum(s.channels for s in self.sites)} {self.cfg.queue_dtype} "
+        width = sum(s.channels for s in self._unit_site.values())
+        ties = {u: m for u, m in self.units.items() if self.tied(u)}
+        lines = [f"CDD surgery: {len(self.sites)} DGC site(s), {width} prunable channels"
+                 + (f" ({len(ties)} residual group(s) of tied compactors)" if ties else "")
+                 + f"; criterion={self.cfg.criterion}, lasso={self.cfg.lasso}, threshold={self.cfg.threshold}",
+                 f"  memory queues: {self.cfg.queue_size} x {width} {self.cfg.queue_dtype} "
                  f"= {self.queue_bytes() / 2 ** 20:.0f} MiB when full"
                  + ("" if self.cfg.checkpoint_queues else " (left out of checkpoints)")]
         w = max([len(s.name) for s in self.sites] + [10])
@@ -128,7 +175,11 @@ class CDDState:
             into = s.consumers[0] if s.kind == "in" else (s.depthwise or s.producer)
             grouped = (f"  ({s.groups} groups kept balanced" + (", block-diagonal" if s.blocks > 1 else "") + ")"
                        if s.groups > 1 else "")
-            lines.append(f"  {s.name.ljust(w)}  {s.kind:<4}  {s.channels:>8}  {into} / {s.tap[0]}:{s.tap[1]}{grouped}")
+            tie = f"  (tied: {s.tie})" if s.tie else ""
+            lines.append(f"  {s.name.ljust(w)}  {s.kind:<4}  {s.channels:>8}  {into} / {s.tap[0]}:{s.tap[1]}{grouped}{tie}")
+        for u, members in ties.items():
+            lines.append(f"  {u}: {len(members)} tied compactors over {self.unit_channels(u)} channels "
+                         f"(one mask, one lasso over the stacked rows), scored at {self._unit_site[u].tap[0]}:input")
         if self.skipped:
             lines.append(f"  skipped ({len(self.skipped)}):")
             for sk in self.skipped:
@@ -169,6 +220,21 @@ class CDDState:
         for d in self.compactors.values():
             d.capture = on
             d.last_pooled = None
+        for h in self._group_hooks:
+            h.remove()
+        self._group_hooks, self._group_pooled = [], {}
+        if on:
+            for u, mod in self._group_taps.items():
+                self._group_hooks.append(mod.register_forward_pre_hook(partial(self._keep_group, u), prepend=True))
+
+    def _keep_group(self, unit: str, module: nn.Module, inputs) -> None:
+        pooled = _pool(inputs[0].detach(), isinstance(module, nn.Linear)).float()
+        prev, calls = self._group_pooled.get(unit, (None, 0))
+        self._group_pooled[unit] = _mean_over_calls(prev, calls, pooled)
+
+    def group_features(self) -> Dict[str, torch.Tensor]:
+        """The pooled output of every residual group in the forward pass under ``capture(True)``."""
+        return {u: v[0] for u, v in self._group_pooled.items()}
 
     @torch.no_grad()
     def observe(self, student_feats: Optional[Dict[str, torch.Tensor]] = None,
@@ -182,10 +248,11 @@ class CDDState:
         student_feats = dict(student_feats or {})
         teacher_feats = teacher_feats or {}
         ready = []
-        for name, d in self.compactors.items():
+        for name, members in self.units.items():
             s = student_feats.get(name)
             if s is None:
-                s = d.last_pooled
+                s = self._group_pooled.get(name, (None,))[0] if self.tied(name) \
+                    else self.compactors[members[0]].last_pooled
             if s is None:
                 continue
             t = teacher_feats.get(name)
@@ -262,10 +329,14 @@ class CDDState:
 
         A DGC whose gradient is not finite is left alone (an AMP scaler skips that step)."""
         lam, lam_masked = self.cfg.lasso, self.cfg.masked_lasso
-        for d in self.compactors.values():
-            if check_finite and d.weight.grad is not None and not torch.isfinite(d.weight.grad).all():
-                continue
-            d.reset_grad_(lam, lam_masked)
+        for u, members in self.units.items():
+            # a residual group: lasso x sqrt(members) over the stacked rows, i.e. its rows over unit_scores
+            norms = self.unit_scores(u) if len(members) > 1 else None
+            for n in members:
+                d = self.compactors[n]
+                if check_finite and d.weight.grad is not None and not torch.isfinite(d.weight.grad).all():
+                    continue
+                d.reset_grad_(lam, lam_masked, norms)
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> int:
@@ -276,9 +347,9 @@ class CDDState:
             return 0
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         snapped = 0
-        for d in self.compactors.values():
-            w = d.weight
-            g = group_of.get(id(w))
+        for u, members in self.units.items():
+            first = self.compactors[members[0]]
+            g = group_of.get(id(first.weight))
             if g is None:
                 continue
             if "betas" in g:  # Adam-like: steps of about lr whatever the gradient scale
@@ -286,20 +357,22 @@ class CDDState:
             else:
                 lam = self.cfg.lasso if self.cfg.masked_lasso is None else self.cfg.masked_lasso
                 reach = g["lr"] * lam / max(1e-8, 1.0 - g.get("momentum", 0.0))
-            masked = d.mask == 0
+            masked = first.mask == 0
             if not masked.any():
                 continue
-            norms = d.channel_norms()
+            norms = self.unit_scores(u)  # a residual group snaps a channel in every member at once
             idx = (masked & (norms <= reach) & (norms > 0)).nonzero().flatten()
             if idx.numel() == 0:
                 continue
-            d.zero_(idx.tolist())
-            for buf in optimizer.state.get(w, {}).values():
-                if isinstance(buf, torch.Tensor) and buf.shape == w.shape:
-                    if d.kind == "in":
-                        buf[:, idx] = 0
-                    else:
-                        buf[idx] = 0
+            for n in members:
+                d = self.compactors[n]
+                d.zero_(idx.tolist())
+                for buf in optimizer.state.get(d.weight, {}).values():
+                    if isinstance(buf, torch.Tensor) and buf.shape == d.weight.shape:
+                        if d.kind == "in":
+                            buf[:, idx] = 0
+                        else:
+                            buf[idx] = 0
             snapped += int(idx.numel())
         return snapped
 
@@ -311,20 +384,21 @@ class CDDState:
         return self.predicted_flops(kept) <= target * self.dense_flops()
 
     def _apply(self, proposals: List[Tuple[float, str, int]]) -> int:
-        """Mask proposed (score, site, channel) in ascending score order, within the budget (a grouped
-        site's budget counts the widest group: merge keeps that many channels in every group)."""
-        alive = {n: d.mask.bool().cpu() for n, d in self.compactors.items()}  # one copy, no sync per proposal
-        kept = {n: self._kept(d, alive[n]) for n, d in self.compactors.items()}
+        """Mask proposed (score, unit, channel) in ascending score order, within the budget (a grouped
+        site's budget counts the widest group: merge keeps that many channels in every group; a
+        residual group's channel is masked in every member)."""
+        alive = {u: self.unit_mask(u).bool().cpu() for u in self.units}  # one copy, no sync per proposal
+        kept = {u: self._kept(u, alive[u]) for u in self.units}
         if self._flops_met(kept):
             return 0
         added = 0
         for _, name, c in sorted(proposals):
-            d = self.compactors[name]
             if not alive[name][c] or int(alive[name].sum()) <= self.cfg.min_channels:
                 continue
-            d.mask[c] = 0.0
+            for member in self.units[name]:
+                self.compactors[member].mask[c] = 0.0
             alive[name][c] = False
-            kept[name] = self._kept(d, alive[name])
+            kept[name] = self._kept(name, alive[name])
             added += 1
             if self._flops_met(kept):
                 break

@@ -20,7 +20,7 @@ from .config import CDDConfig
 from .dgc import DGC, DGC_ATTR, apply_input_dgc, apply_output_dgc
 from .graph import (SurgeryError, build_graph, check_inputs, detach_inputs, find_dgcs, flat_tensors, get_module,
                     is_depthwise, run, to_double)
-from .placement import DGCSite, Planner, Skipped, paper_sites
+from .placement import DGCSite, Planner, ResidualGroup, Skipped, paper_sites
 
 __all__ = ["DGCSite", "Skipped", "SurgeryError", "attach", "detach", "find_dgcs", "insert_dgc"]
 
@@ -148,8 +148,11 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
     # other copy through a ReLU and hide the difference
     shared = [s.name for s in sites if s.name in chosen
               and all(len(v) == 1 for c in checks if c[0] is s for v in c[2].values())]
-    alone = [s.name for s in sites if s.name in chosen and s.name not in shared]
-    for batch in ([shared] if shared else []) + [[n] for n in alone]:
+    alone: Dict[str, List[str]] = {}  # the members of a residual group are zeroed together
+    for s in sites:
+        if s.name in chosen and s.name not in shared:
+            alone.setdefault(s.tie or s.name, []).append(s.name)
+    for batch in ([shared] if shared else []) + list(alone.values()):
         work = copy.deepcopy(probe)
         for n in batch:
             get_module(work, n).zero_(chosen[n])
@@ -171,6 +174,34 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
                                            "with a function of itself); merge could not remove it exactly")
                     break
     return failures
+
+
+def _tap_groups(model: nn.Module, groups: List[ResidualGroup], example_inputs, forward_fn) -> None:
+    """Each residual group's tap (its output, where RGGR scores it and the teacher is read): the input
+    of the consumer that reads the stream last in a forward pass (the next stage's first block, or
+    the classifier after pooling), i.e. the group's final value."""
+    order: List[str] = []
+    names = {c for g in groups for c in g.consumers}
+    hooks = [get_module(model, n).register_forward_pre_hook(lambda m, i, _n=n: order.append(_n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            run(model, example_inputs, forward_fn)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    last = {n: i for i, n in enumerate(order)}
+    for g in groups:
+        called = [c for c in g.consumers if c in last]
+        if not called:
+            raise SurgeryError(f"no consumer of the residual group {g.name} runs in the forward pass on the example "
+                               "inputs; pass example inputs that reach the whole backbone")
+        tap = (max(called, key=last.get), "input")
+        for m in g.members:
+            m.tap = tap
+            m.consumer_shares = dict(g.consumer_shares)
 
 
 def _consumer_inputs(model: nn.Module, names, x, forward_fn) -> Dict[str, List[torch.Tensor]]:
@@ -314,12 +345,25 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
 
     DG = build_graph(model, example_inputs, customized_pruners=customized_pruners, forward_fn=forward_fn,
                      output_transform=output_transform)
-    planner = Planner(model, DG)
+    planner = Planner(model, DG, residual=cfg.residual)
     sites: List[DGCSite] = []
     skipped: List[Skipped] = []
+    groups: List[ResidualGroup] = []
     seen_hosts = set()
     for group in DG.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
         site, skip = planner.classify(group)
+        if isinstance(site, ResidualGroup):
+            members = site.members
+            if any(get_module(model, m.producer) in ignored or get_module(model, m.host) in ignored for m in members):
+                skipped.append(Skipped([m.producer for m in members], "residual group: a member is listed in "
+                                       "ignored_layers (the members of a group are compacted together or not at all)"))
+            elif any(m.host in seen_hosts for m in members):
+                skipped.append(Skipped([m.producer for m in members], "residual group: a member's host already hosts "
+                                       "a compactor"))
+            else:
+                groups.append(site)
+                seen_hosts.update(m.host for m in members)
+            continue
         if site is not None:
             site.consumer_shares = dict(planner.last_shares)
         if site is not None and (get_module(model, site.producer) in ignored or get_module(model, site.host) in ignored):
@@ -335,12 +379,15 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
         candidates = len(sites)
         sites, dropped = paper_sites(sites, planner.coupled)
         skipped.extend(dropped)
-        if not sites:
+        if not sites and not groups:
             raise SurgeryError(
                 f"sites='paper' (the authors' placement) puts one compactor per residual block, on the channel set "
                 f"that feeds the block's last convolution, and {type(model).__name__} has no such block (surgery "
                 f"found {candidates} other compactable channel set(s)). Fix: CDDConfig(sites='all') compacts every "
                 "channel set that can be folded exactly")
+    if groups:
+        _tap_groups(model, groups, example_inputs, forward_fn)
+        sites = sites + [m for g in groups for m in g.members]
     if not sites:
         reasons = "; ".join(f"{', '.join(s.layers[:2])}: {s.reason}" for s in skipped[:6]) or "no conv/linear layer"
         raise SurgeryError(f"no prunable layer found in {type(model).__name__}: {reasons}. Fix: CDD needs "
@@ -352,6 +399,11 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
                                                                                              dtype=param.dtype))
         attached.append(site.host)
     failures = _probe(model, sites, DG, example_inputs, forward_fn)
+    for site in sites:  # the members of a residual group stay or go together
+        if site.tie and site.name in failures:
+            for other in sites:
+                if other.tie == site.tie and other.name not in failures:
+                    failures[other.name] = f"{failures[site.name]} (at {site.producer}, a member of its residual group)"
     if failures:
         skipped_sites = [s for s in sites if s.name in failures]
         for site in skipped_sites:
@@ -373,6 +425,7 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
         dgc.round_to = int(cfg.round_to)
         dgc.groups = int(site.groups)
         dgc.decay = bool(cfg.decay_compactors)
+        dgc.tie = site.tie
     model._cdd_example_inputs = detach_inputs(example_inputs)
     model._cdd_customized_pruners = customized_pruners
     model._cdd_forward_fn = forward_fn

@@ -312,6 +312,54 @@ def test_ibn_student_trains_and_merges_exactly(teacher, market, workdir):
         assert torch.equal(reloaded(images.clone()), out)
 
 
+def test_residual_groups_from_the_cdd_node_train_tied_and_merge_exactly(teacher, market, workdir):
+    """CDD.RESIDUAL: True compacts the stages' residual streams too: one mask per stream, scored at the
+    teacher's stage output; merge cuts every block's output, shortcut and the next stage's inputs."""
+    cfg = smoke_cfg(CDD_YML, workdir / "residual", market, "CDD.TEACHER.WEIGHTS", str(teacher.weights),
+                    "MODEL.HEADS.NUM_CLASSES", "8", "CDD.RESIDUAL", "True", "CDD.MASK_START", "0",
+                    "CDD.MASK_START_UNIT", "iter", "CDD.RATIO", "0.9", "CDD.QUEUE_SIZE", "32")
+    model = CDDTrainer.build_model(cfg)
+    cdd = find_cdd(model)
+    state = cdd.state
+    groups = [u for u in state.units if state.tied(u)]
+    # layers 1-3 of the ResNet-18 backbone (the stem is a member of layer1's); the last stage is the embedding
+    assert len(groups) == 3, state.report()
+    assert any("layer4" in sk.layers[0] and "model output" in sk.reason for sk in state.skipped), state.report()
+    assert all(u in cdd.distiller.pairs for u in groups)  # read at the same point of the teacher
+    optimizer, _ = CDDTrainer.build_optimizer(cfg, model)
+    batches = iter(CDDTrainer.build_train_loader(cfg))
+    model.train()
+    for _ in range(3):
+        losses = model(next(batches))
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    for u in groups:
+        assert all(torch.equal(state.compactors[n].mask, state.unit_mask(u)) for n in state.units[u])
+    assert any((state.unit_mask(u) == 0).any() for u in groups)
+    images = next(batches)["images"][:8]
+    for u, members in state.units.items():  # what the tied lasso leaves: masked rows at zero in every member
+        for n in members:
+            state.compactors[n].zero_((state.unit_mask(u) == 0).nonzero().flatten().tolist())
+    model.eval()
+    with torch.no_grad():
+        reference = model({"images": images.clone()})
+        merged = cdd_plugin.merge(cdd.student)
+        out = merged(images.clone())
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    kept = state.kept_channels()
+    sites = {s.name: s for s in state.sites}
+    for u in groups:  # every member's conv is cut to the group's width
+        for n in state.units[u]:
+            assert merged.get_submodule(sites[n].producer).out_channels == kept[u] <= state.unit_channels(u)
+    assert sum(kept[u] for u in groups) < sum(state.unit_channels(u) for u in groups)
+    path = workdir / "residual" / "model_merged.pth"
+    cdd_plugin.save_merged(merged, str(path))
+    reloaded = cdd_plugin.load_merged(str(path), build_dense_student(cfg))
+    with torch.no_grad():
+        assert torch.equal(reloaded(images.clone()), out)
+
+
 def test_student_starts_from_student_weights(market, workdir, teacher):
     cfg = smoke_cfg(CDD_YML, workdir / "student_init", market, "CDD.TEACHER.WEIGHTS", str(teacher.weights),
                     "CDD.STUDENT_WEIGHTS", str(teacher.weights), "MODEL.HEADS.NUM_CLASSES", "8")

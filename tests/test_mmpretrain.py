@@ -487,6 +487,42 @@ def test_vit_student_compacts_its_mlps_trains_with_the_wrappers_and_merges_exact
     assert len(widths) == 2 and min(widths) < 64
 
 
+def test_residual_groups_from_cdd_dict_train_tied_and_merge_exactly(small_cfg):
+    """cdd=dict(residual=True): MMPretrain's ResNet stages are compacted as tied groups through
+    CDDRetriever and the CDD optimizer wrapper; merge cuts the streams exactly."""
+    from mmengine.optim import build_optim_wrapper
+
+    model = _build(small_cfg, cdd=dict(queue_size=64, mask_start=0, ratio=0.9, lasso=0.05, residual=True))
+    state = model.cdd_state
+    groups = [u for u in state.units if state.tied(u)]
+    assert groups and all(len(state.units[u]) >= 2 for u in groups), state.report()
+    wrapper = build_optim_wrapper(model, dict(type="CDDOptimWrapper", constructor="CDDOptimWrapperConstructor",
+                                              optimizer=dict(type="SGD", lr=0.05, momentum=0.9)))
+    model.train()
+    inputs, samples = _batch(model)
+    for _ in range(4):
+        loss, _ = model.parse_losses(model.loss(inputs, samples))
+        wrapper.update_params(loss)
+    for u in groups:
+        assert all(torch.equal(state.compactors[n].mask, state.unit_mask(u)) for n in state.units[u])
+    assert any((state.unit_mask(u) == 0).any() for u in groups)
+    net = model.student_net
+    net.eval()
+    for u, members in state.units.items():
+        for n in members:
+            state.compactors[n].zero_((state.unit_mask(u) == 0).nonzero().flatten().tolist())
+    with torch.no_grad():
+        want = net.embed(inputs)
+    merged = cdd_plugin.merge(net)
+    with torch.no_grad():
+        got = merged.embed(inputs)
+    assert torch.allclose(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    from cdd_plugin.integrations.mmpretrain.model import _embed_forward
+
+    # the embedding path (what a retrieval deployment runs) is what surgery traced and predicts
+    assert cdd_plugin.profile(merged, inputs[:1], forward_fn=_embed_forward)["flops"] == state.predicted_flops()
+
+
 def test_the_vit_configs_build_the_authors_placement_on_deit_small():
     """configs/cdd_vit_small_sop.py (and its teacher) load and build: 12 MLP sites of ViT-S/16."""
     import cdd_plugin.integrations.mmpretrain  # noqa: F401
