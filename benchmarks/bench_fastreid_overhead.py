@@ -152,7 +152,7 @@ def main(argv=None):
                 for name, run in variants.items():  # alternate, so all variants share the machine's noise
                     for _ in range(args.block):
                         times[name].append(run())
-        masked = sum(s.channels for s in state.sites) - sum(state.active_channels().values())
+        masked = state.summary()["channels_total"] - sum(state.active_channels().values())
 
     med = {k: statistics.median(v[: args.iters]) for k, v in times.items()}
     base = med["fastreid_distiller"]

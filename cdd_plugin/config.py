@@ -132,7 +132,11 @@ class CDDConfig:
     mask and one group lasso over the stacked rows, and RGGR scores the group from the group's
     output (the stage output, pooled; the teacher read at the same point). A channel zeroed in
     every member is zero in the whole stream, so merge cuts it from every producer and consumer,
-    exactly. Groups that reach the model output (the embedding) are left dense.
+    exactly. Groups that reach the model output (the embedding) are left dense unless
+    ``cut_embedding=True`` (ours): then the last group is compacted too and its zero channels are
+    dropped from the output embedding (distances between embeddings do not change; the gallery
+    index gets smaller), with a classifier that reads the embedding cut to match. Merge checks
+    that every dropped output channel is exactly zero.
     """
 
     lasso: float = 0.004
@@ -155,6 +159,7 @@ class CDDConfig:
     queue_dtype: str = "float32"
     checkpoint_queues: bool = True
     residual: bool = False
+    cut_embedding: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -171,9 +176,12 @@ class CDDConfig:
         if self.queue_dtype not in QUEUE_DTYPES:
             raise bad("queue_dtype", "unknown storage type of the memory queues",
                       f"use one of {', '.join(QUEUE_DTYPES)} (float32, the default, is the authors')")
-        for key in ("snap_to_zero", "decay_compactors", "checkpoint_queues", "residual"):
+        for key in ("snap_to_zero", "decay_compactors", "checkpoint_queues", "residual", "cut_embedding"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be True or False", f"set {key}=True or {key}=False")
+        if self.cut_embedding and not self.residual:
+            raise bad("cut_embedding", "the embedding is the last residual group's stream, and residual groups are off",
+                      "set residual=True as well (or cut_embedding=False)")
         if self.criterion not in CRITERIA:
             raise bad("criterion", "unknown mask criterion", f"use one of {', '.join(CRITERIA)}")
         if self.metric not in METRICS:

@@ -87,12 +87,19 @@ def build_graph(model: nn.Module, example_inputs: Any, *, customized_pruners=Non
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
+    seen: List[Any] = []
+
+    def keep_outputs(out):  # the traced outputs, to find those torch-pruning does not mark (below)
+        out = output_transform(out) if output_transform is not None else out
+        seen.append(out)
+        return out
+
     try:
         for p in frozen:  # torch-pruning traces through autograd: a frozen model has no graph
             p.requires_grad_(True)
         with torch.enable_grad():
             DG = tp.DependencyGraph().build_dependency(
-                model, example_inputs, forward_fn=forward_fn, output_transform=output_transform,
+                model, example_inputs, forward_fn=forward_fn, output_transform=keep_outputs,
                 customized_pruners=customized_pruners, verbose=False)
     except Exception as exc:
         raise SurgeryError(
@@ -104,6 +111,11 @@ def build_graph(model: nn.Module, example_inputs: Any, *, customized_pruners=Non
         for p in frozen:
             p.requires_grad_(False)
         model.train(was_training)
+    # an output that is also an intermediate (``return fc(emb), emb``) gets no output node from torch-pruning
+    # (the tensor's node exists already when the output is traced): record such nodes and their output shape
+    outs = {t.grad_fn: tuple(t.shape[1:]) for t in (flat_tensors(seen[0]) if seen else []) if t.grad_fn is not None}
+    DG.cdd_output_nodes = {node: outs[node.grad_fn] for node in DG.module2node.values()
+                           if node.grad_fn in outs and not isinstance(node.module, tp.ops._OutputOp)}
     return DG
 
 

@@ -266,6 +266,9 @@ def _build_merged(model: nn.Module, plan, example_inputs, customized_pruners, fo
                 zero = _align_groups(DG, layer, fn, site, zero)
             group = DG.get_pruning_group(layer, fn, sorted(zero))
             group.prune()
+            if site.get("embedding") and hasattr(work, "cdd_cut_embedding"):
+                # a head outside the traced forward (e.g. a classifier read only in training) loses the same inputs
+                work.cdd_cut_embedding(sorted(zero))
     strip_cdd_hooks(work)
     work.eval()
     for attr in ("_cdd_example_inputs", "_cdd_customized_pruners", "_cdd_forward_fn"):
@@ -331,16 +334,51 @@ def _difference(model: nn.Module, merged: nn.Module, plan, example_inputs, forwa
         got = flat_tensors(run(net, _to_device(x, dev), forward_fn))
     except Exception:
         return float("inf")
-    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+    if len(got) != len(want):
         return float("inf")
+    cut_embedding = any(site.get("embedding") and zero for _, site, zero in plan)
     worst = 0.0
     for a, b in zip(got, want):
+        if a.shape != b.shape:
+            # an embedding cut (cut_embedding): the merged output must be the trained one without channels
+            # that are exactly zero there, in the same order
+            kept = _kept_columns(b, a) if cut_embedding and a.is_floating_point() else None
+            if kept is None:
+                return float("inf")
+            b = b[:, kept]
         if not a.is_floating_point():
             continue
         scale = float(b.abs().max()) if b.numel() else 0.0
         err = float((a - b).abs().max()) if b.numel() else 0.0
         worst = max(worst, err / max(scale, 1e-12) if scale > 0 else err)
     return worst
+
+
+def _kept_columns(want: torch.Tensor, got: torch.Tensor) -> Optional[List[int]]:
+    """The dim-1 columns of ``want`` that ``got`` keeps, in order, where every other column of ``want``
+    is exactly zero and the kept ones match within the tolerance; None when there is no such
+    alignment. A column of ``want`` that is exactly zero pairs only with an exactly zero column of
+    ``got`` (zero columns are interchangeable) and is dropped otherwise; any other column must
+    match the next column of ``got``."""
+    if want.dim() < 2 or got.dim() != want.dim() or want.shape[0] != got.shape[0] or \
+            want.shape[2:] != got.shape[2:] or got.shape[1] >= want.shape[1]:
+        return None
+    scale = max(float(want.abs().max()), 1e-12)
+    zero_w = (want == 0).flatten(2).all(-1).all(0) if want.dim() > 2 else (want == 0).all(0)
+    zero_g = (got == 0).flatten(2).all(-1).all(0) if got.dim() > 2 else (got == 0).all(0)
+    kept: List[int] = []
+    j = 0
+    for i in range(want.shape[1]):
+        if bool(zero_w[i]):
+            if j < got.shape[1] and bool(zero_g[j]):
+                kept.append(i)
+                j += 1
+        elif j < got.shape[1] and float((want[:, i] - got[:, j]).abs().max()) <= _TOLERANCE * scale:
+            kept.append(i)
+            j += 1
+        else:
+            return None
+    return kept if j == got.shape[1] else None
 
 
 def _find_culprit(model: nn.Module, plan, example_inputs, customized_pruners, forward_fn) -> Optional[str]:

@@ -42,13 +42,14 @@ class DGCSite:
     blocks: int = 1                # the producer is grouped: the compactor is block-diagonal (``groups`` blocks)
     channels_last: bool = False    # the host is a Linear layer: channels on the last dim (transformer MLPs)
     tie: Optional[str] = None      # the residual group this compactor belongs to (one mask for all its members)
+    embedding: bool = False        # its group's channels are (part of) the model output: cut from it too
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "channels": self.channels, "host": self.host,
                 "producer": self.producer, "norm": self.norm, "depthwise": self.depthwise,
                 "consumers": list(self.consumers), "tap": list(self.tap),
                 "consumer_shares": dict(self.consumer_shares), "groups": self.groups, "blocks": self.blocks,
-                "channels_last": self.channels_last, "tie": self.tie}
+                "channels_last": self.channels_last, "tie": self.tie, "embedding": self.embedding}
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ResidualGroup:
     members: List[DGCSite]
     consumers: List[str]
     consumer_shares: Dict[str, int] = field(default_factory=dict)
+    output: bool = False           # the stream is the model output (the embedding): cut_embedding
 
 
 @dataclass
@@ -72,10 +74,11 @@ class Skipped:
 class Planner:
     """Classifies torch-pruning groups into DGC sites or stated skips."""
 
-    def __init__(self, model: nn.Module, DG: tp.DependencyGraph, residual: bool = False):
+    def __init__(self, model: nn.Module, DG: tp.DependencyGraph, residual: bool = False, cut_embedding: bool = False):
         self.model = model
         self.DG = DG
         self.residual = residual     # channels tied by residual additions become ResidualGroups
+        self.cut_embedding = cut_embedding  # ... also the one that is the model output
         self.name_of = {m: n for n, m in model.named_modules()}
         self.customized = tuple(t for t in DG.CUSTOMIZED_PRUNERS.keys() if isinstance(t, type))
         self.coupled: set = set()   # producers of channel sets tied by a residual addition
@@ -96,6 +99,9 @@ class Planner:
             if isinstance(mod, tp.ops._OutputOp) or (DG.is_out_channel_pruning_fn(fn) and not dep.target.outputs):
                 reaches_output = True
                 continue
+            if dep.target in getattr(DG, "cdd_output_nodes", {}) and not (
+                    isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_in_channel_pruning_fn(fn)):
+                reaches_output = True  # these channels are an output that is also an intermediate
             if isinstance(mod, (tp.ops._ElementWiseOp, tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._ReshapeOp,
                                 tp.ops._SliceOp, tp.ops._UnbindOp, tp.ops._ExpandOp)):
                 continue
@@ -127,8 +133,11 @@ class Planner:
 
         if len(producers) > 1:  # a residual stream, whatever else disqualifies it (sites='paper' reads these)
             self.coupled.update(names(producers))
-        if reaches_output:
-            return skip("its channels are part of the model output (pruning them would change the output size)")
+        embedding = reaches_output and self.residual and self.cut_embedding and len(producers) > 1 and not others
+        if reaches_output and not embedding:
+            return skip("its channels are part of the model output (pruning them would change the output size)"
+                        + ("; CDDConfig(cut_embedding=True) cuts a residual stream's zero channels from the embedding"
+                           if self.residual and len(producers) > 1 and not self.cut_embedding else ""))
         if others:
             kind, _ = others[0]
             return skip(f"the channel group contains {kind}, which surgery cannot fold exactly")
@@ -136,7 +145,7 @@ class Planner:
             if len(producers) == 0:
                 return skip("no dense producer owns these channels")
             if self.residual:
-                return self._residual(group, producers, consumers, depthwise, norms, shares)
+                return self._residual(group, producers, consumers, depthwise, norms, shares, output=embedding)
             return skip(f"channels are coupled across {len(producers)} producers ({', '.join(names(producers)[:4])}"
                         f"{', ...' if len(producers) > 4 else ''}) by a residual addition or concatenation; "
                         "the paper does not compact coupled channels", names(producers))
@@ -215,7 +224,7 @@ class Planner:
                        channels_last=isinstance(producer, nn.Linear)), None
 
 
-    def _residual(self, group, producers, consumers, depthwise, norms, shares):
+    def _residual(self, group, producers, consumers, depthwise, norms, shares, output=False):
         """A residual group: one tied output-side compactor per producer, or the reason why not."""
         order = {m: i for i, m in enumerate(self.model.modules())}
         producers = sorted(producers, key=lambda m: order.get(m, len(order)))
@@ -246,10 +255,10 @@ class Planner:
                 else None
         stray = [m for m in norms if all(m is not b for b in member_norm.values())]
         if stray:
-            return skip(f"{type(stray[0]).__name__} {name(stray[0])} sits on the stream itself (e.g. a pre-activation "
-                        "block or a transformer's LayerNorm); a zero channel would not stay zero through it, so no "
+            return skip(f"{type(stray[0]).__name__} {name(stray[0])} sits on the stream itself (e.g. a BNNeck, a "
+                        "pre-activation block or a transformer's LayerNorm); a zero channel would not stay zero through it, so no "
                         "channel could be removed exactly")
-        if not consumers:
+        if not consumers and not output:
             return skip("no layer reads the stream whose inputs merge could cut")
         members = []
         for p in producers:
@@ -258,11 +267,11 @@ class Planner:
             members.append(DGCSite(name=f"{host}.{DGC_ATTR}", kind="out", channels=channels, host=host,
                                    producer=name(p), norm=name(bn) if bn is not None else None,
                                    consumers=[name(c) for c in consumers], tap=("", "input"),
-                                   channels_last=isinstance(p, nn.Linear)))
+                                   channels_last=isinstance(p, nn.Linear), embedding=output))
         gname = f"residual:{members[0].host}"
         for m in members:
             m.tie = gname
-        return ResidualGroup(gname, channels, members, [name(c) for c in consumers], dict(shares)), None
+        return ResidualGroup(gname, channels, members, [name(c) for c in consumers], dict(shares), output), None
 
 
 def paper_sites(sites: List[DGCSite], coupled: set) -> Tuple[List[DGCSite], List[Skipped]]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -60,7 +59,7 @@ class CDDState:
             self.units.setdefault(s.tie or s.name, []).append(s.name)
             self._unit_site.setdefault(s.tie or s.name, s)
         # a residual group's student feature: the pooled input of its tap module, kept while capturing
-        self._group_taps = {u: model.get_submodule(s.tap[0]) for u, s in self._unit_site.items() if s.tie}
+        self._group_taps = {u: (model.get_submodule(s.tap[0]), s.tap[1]) for u, s in self._unit_site.items() if s.tie}
         self._group_pooled: Dict[str, Tuple[torch.Tensor, int]] = {}
         self._group_hooks: list = []
         self.flops_model = flops_model
@@ -224,11 +223,15 @@ class CDDState:
             h.remove()
         self._group_hooks, self._group_pooled = [], {}
         if on:
-            for u, mod in self._group_taps.items():
-                self._group_hooks.append(mod.register_forward_pre_hook(partial(self._keep_group, u), prepend=True))
+            for u, (mod, where) in self._group_taps.items():
+                if where == "input":
+                    h = mod.register_forward_pre_hook(lambda m, i, _u=u: self._keep_group(_u, m, i[0]), prepend=True)
+                else:  # appended: after the module's own compactor, if it hosts one
+                    h = mod.register_forward_hook(lambda m, i, out, _u=u: self._keep_group(_u, m, out))
+                self._group_hooks.append(h)
 
-    def _keep_group(self, unit: str, module: nn.Module, inputs) -> None:
-        pooled = _pool(inputs[0].detach(), isinstance(module, nn.Linear)).float()
+    def _keep_group(self, unit: str, module: nn.Module, x: torch.Tensor) -> None:
+        pooled = _pool(x.detach(), isinstance(module, nn.Linear)).float()
         prev, calls = self._group_pooled.get(unit, (None, 0))
         self._group_pooled[unit] = _mean_over_calls(prev, calls, pooled)
 

@@ -92,6 +92,7 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
     except Exception as exc:
         return _isolate_forward_failures(model, sites, x, forward_fn, exc)
     checks: List[Tuple[DGCSite, str, Dict[int, List[int]], bool]] = []  # noqa: E501
+    out_checks: List[Tuple[DGCSite, tuple, Dict[int, List[int]]]] = []  # embedding groups: output columns
     for site in sites:
         if site.kind == "in":
             continue
@@ -108,7 +109,16 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
                 for r, i in zip(roots, idxs):
                     mapping.setdefault(int(r), []).append(int(i))
                 checks.append((site, name_of[mod], mapping, isinstance(mod, nn.Conv2d)))
-    if not checks:
+            shape = (tuple(mod.shape[1:]) if isinstance(mod, tp.ops._OutputOp) and mod.shape is not None
+                     else DG.cdd_output_nodes.get(dep.target) if hasattr(DG, "cdd_output_nodes") else None)
+            if site.embedding and shape is not None and not (
+                    isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_in_channel_pruning_fn(dep.handler)):
+                roots = getattr(item, "root_idxs", None) or list(range(len(idxs)))
+                mapping = {}
+                for r, i in zip(roots, idxs):
+                    mapping.setdefault(int(r), []).append(int(i))
+                out_checks.append((site, shape, mapping))
+    if not checks and not out_checks:
         return failures
     consumers = {c[1] for c in checks}
     base = {k: v[0] for k, v in _consumer_inputs(probe, consumers, x, forward_fn).items()}
@@ -141,7 +151,7 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
             failures[site.name] = ("no channel of this set reaches its consumers as a non-zero value on the example "
                                    "inputs, so surgery cannot verify that a removed channel would stay removed")
             continue
-        chosen[site.name] = sorted({live[0], live[-1]}) if live else []
+        chosen[site.name] = sorted({live[0], live[-1]}) if live else ([0, site.channels - 1] if site.embedding else [])
     # sites whose channels reach a consumer one to one are checked together in one run; a site
     # whose channels fan out to several consumer inputs (a concatenation of a tensor with a function
     # of itself, e.g. GhostNet) is checked alone: zeroing another site's channels could zero the
@@ -156,7 +166,17 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
         work = copy.deepcopy(probe)
         for n in batch:
             get_module(work, n).zero_(chosen[n])
-        seen = _consumer_inputs(work, consumers, x, forward_fn)
+        outputs: List[torch.Tensor] = []
+        seen = _consumer_inputs(work, consumers, x, forward_fn, outputs)
+        for site, shape, mapping in out_checks:  # a cut embedding: the zeroed channels are zero in the output
+            if site.name not in batch or site.name in failures:
+                continue
+            cols = [i for c in chosen[site.name] for i in mapping.get(c, [])]
+            for t in outputs:
+                if tuple(t.shape[1:]) == shape and cols and t[:, cols].abs().max().item() != 0.0:
+                    failures[site.name] = ("a zeroed channel reaches the model output as a non-zero value (an "
+                                           "operation after the stream, e.g. a bias or a sigmoid, maps 0 to a "
+                                           "non-zero value), so the embedding cannot lose it exactly")
         for site, cname, mapping, is_conv in checks:
             if site.name not in batch or site.name in failures:
                 continue
@@ -179,10 +199,26 @@ def _probe(model: nn.Module, sites: List[DGCSite], DG: tp.DependencyGraph, examp
 def _tap_groups(model: nn.Module, groups: List[ResidualGroup], example_inputs, forward_fn) -> None:
     """Each residual group's tap (its output, where RGGR scores it and the teacher is read): the input
     of the consumer that reads the stream last in a forward pass (the next stage's first block, or
-    the classifier after pooling), i.e. the group's final value."""
+    the classifier after pooling), i.e. the group's final value. A group that is the model output
+    (``cut_embedding``) is read at the output of the block around its last member (the last block of
+    the stage), or, if that block's output is not the stream, at the last member's own output."""
     order: List[str] = []
+    outputs: Dict[str, int] = {}  # block -> channels of its output
     names = {c for g in groups for c in g.consumers}
-    hooks = [get_module(model, n).register_forward_pre_hook(lambda m, i, _n=n: order.append(_n)) for n in names]
+    hosts = {m.host: m for g in groups if g.output for m in g.members}
+    blocks = {h.rpartition(".")[0] for h in hosts if "." in h}
+
+    def seen(name):
+        return lambda m, i: order.append(name)
+
+    def block_out(name):
+        def hook(m, i, out):
+            if isinstance(out, torch.Tensor) and out.dim() >= 2:
+                outputs[name] = int(out.shape[1])
+        return hook
+
+    hooks = [get_module(model, n).register_forward_pre_hook(seen(n)) for n in names | set(hosts)]
+    hooks += [get_module(model, b).register_forward_hook(block_out(b)) for b in blocks]
     was_training = model.training
     model.eval()
     try:
@@ -195,26 +231,35 @@ def _tap_groups(model: nn.Module, groups: List[ResidualGroup], example_inputs, f
     last = {n: i for i, n in enumerate(order)}
     for g in groups:
         called = [c for c in g.consumers if c in last]
-        if not called:
+        if g.output:
+            final = max((m.host for m in g.members if m.host in last), key=last.get, default=g.members[-1].host)
+            block = final.rpartition(".")[0]
+            tap = (block, "output") if outputs.get(block) == g.channels else (final, "output")
+        elif called:
+            tap = (max(called, key=last.get), "input")
+        else:
             raise SurgeryError(f"no consumer of the residual group {g.name} runs in the forward pass on the example "
                                "inputs; pass example inputs that reach the whole backbone")
-        tap = (max(called, key=last.get), "input")
         for m in g.members:
             m.tap = tap
             m.consumer_shares = dict(g.consumer_shares)
 
 
-def _consumer_inputs(model: nn.Module, names, x, forward_fn) -> Dict[str, List[torch.Tensor]]:
-    """The first input of every named module, for each of its calls in one forward pass."""
+def _consumer_inputs(model: nn.Module, names, x, forward_fn, outputs: Optional[list] = None
+                     ) -> Dict[str, List[torch.Tensor]]:
+    """The first input of every named module, for each of its calls in one forward pass (and, with
+    ``outputs``, the model's output tensors appended to it)."""
     seen: Dict[str, List[torch.Tensor]] = {}
     hooks = [get_module(model, n).register_forward_pre_hook(
         lambda module, inputs, _name=n: seen.setdefault(_name, []).append(inputs[0].detach())) for n in names]
     try:
         with torch.no_grad():
-            run(model, x, forward_fn)
+            out = run(model, x, forward_fn)
     finally:
         for h in hooks:
             h.remove()
+    if outputs is not None:
+        outputs.extend(t for t in flat_tensors(out) if t.dim() >= 2)
     return seen
 
 
@@ -345,7 +390,7 @@ def _insert(model, example_inputs, cfg, customized_pruners, ignored, forward_fn,
 
     DG = build_graph(model, example_inputs, customized_pruners=customized_pruners, forward_fn=forward_fn,
                      output_transform=output_transform)
-    planner = Planner(model, DG, residual=cfg.residual)
+    planner = Planner(model, DG, residual=cfg.residual, cut_embedding=cfg.cut_embedding)
     sites: List[DGCSite] = []
     skipped: List[Skipped] = []
     groups: List[ResidualGroup] = []

@@ -240,6 +240,32 @@ def test_merge_round_trip_on_a_torchvision_checkpoint(tmp_path, cdd_main, resnet
                                "--prefix", "student.", "--out", tmp_path / "other.pth"), "--num-classes")
 
 
+def test_merge_finds_the_residual_groups_a_checkpoint_was_trained_with(tmp_path, cdd_main):
+    """A student trained with residual=True and saved without meta: `cdd merge` rebuilds the tied groups
+    from the checkpoint's compactor keys and cuts each stream in every member alike."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    state = cdd_plugin.insert_dgc(model, torch.randn(2, 3, 32, 32), cdd_plugin.CDDConfig(residual=True))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for unit, members in state.units.items():
+            rows = torch.randperm(state.unit_channels(unit), generator=g)[: state.unit_channels(unit) // 2].tolist()
+            for n in members:
+                state.compactors[n].weight.add_(0.05 * torch.randn(state.compactors[n].weight.shape, generator=g))
+                state.compactors[n].zero_(rows)
+    model.eval()
+    ckpt, out = tmp_path / "student.pth", tmp_path / "merged.pth"
+    torch.save(model.state_dict(), ckpt)
+    code, stdout, err = cdd_main("merge", ckpt, "--arch", "torchvision:resnet18", "--input", "3x32x32",
+                                 "--num-classes", 10, "--out", out)
+    assert code == 0, err
+    narrow = cdd_plugin.load_merged(str(out), torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(narrow(x), model(x), atol=1e-5, rtol=1e-4)
+    assert narrow.fc.in_features == 256 and narrow.layer3[0].downsample[0].out_channels == 128
+
+
 def test_export_writes_a_checked_onnx_file_and_times_both_runtimes(tmp_path, cdd_main, resnet18_student):
     import onnxruntime
 

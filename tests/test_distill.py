@@ -130,10 +130,11 @@ def test_feature_term_reads_the_student_before_its_compactor_by_default():
     assert LossConfig().feat_tap == "before"
     out, state = _feat_grads("before")
     assert out["loss_feat"].item() > 0
-    # bn3's compactor lies after the last tapped point (bn3's output): the fit term cannot reach it.
+    # bn2's compactor lies after the last tapped point (bn2's output): the fit term cannot reach it.
     # bn1's compactor feeds conv2, so the term at bn2 still trains it, as in the authors' code.
-    assert sorted(state.compactors) == ["bn1.cdd_dgc", "bn2.cdd_dgc", "bn3.cdd_dgc"]
-    last = "bn3.cdd_dgc"
+    # (bn3's channels are the returned embedding: a model output, left whole)
+    assert sorted(state.compactors) == ["bn1.cdd_dgc", "bn2.cdd_dgc"]
+    last = "bn2.cdd_dgc"
     assert state.compactors[last].weight.grad is None or state.compactors[last].weight.grad.abs().max() == 0
     assert state.compactors["bn1.cdd_dgc"].weight.grad.abs().max() > 0
     out_after, state_after = _feat_grads("after")

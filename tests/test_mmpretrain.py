@@ -492,6 +492,7 @@ def test_residual_groups_from_cdd_dict_train_tied_and_merge_exactly(small_cfg):
     CDDRetriever and the CDD optimizer wrapper; merge cuts the streams exactly."""
     from mmengine.optim import build_optim_wrapper
 
+    torch.manual_seed(0)
     model = _build(small_cfg, cdd=dict(queue_size=64, mask_start=0, ratio=0.9, lasso=0.05, residual=True))
     state = model.cdd_state
     groups = [u for u in state.units if state.tied(u)]
@@ -521,6 +522,35 @@ def test_residual_groups_from_cdd_dict_train_tied_and_merge_exactly(small_cfg):
 
     # the embedding path (what a retrieval deployment runs) is what surgery traced and predicts
     assert cdd_plugin.profile(merged, inputs[:1], forward_fn=_embed_forward)["flops"] == state.predicted_flops()
+
+
+def test_cut_embedding_narrows_the_embedding_and_the_head_outside_the_traced_path(small_cfg):
+    """cdd=dict(residual=True, cut_embedding=True): the last stage (the embedding) is a group too; merge
+    drops its zero channels from the embedding and the LinearClsHead's inputs alike (the head is not on
+    the traced embedding path: RetrievalNet.cdd_cut_embedding), so the logits stay the trained ones."""
+    torch.manual_seed(0)
+    model = _build(small_cfg, cdd=dict(queue_size=64, residual=True, cut_embedding=True))
+    state = model.cdd_state
+    last = [u for u in state.units if state.tied(u) and state._unit_site[u].embedding]
+    assert len(last) == 1 and state.tap_points()[last[0]][1] == "output", state.report()
+    net = model.student_net
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for u, members in state.units.items():
+            rows = torch.randperm(state.unit_channels(u), generator=g)[: state.unit_channels(u) // 2].tolist()
+            for n in members:
+                state.compactors[n].zero_(rows)
+    net.eval()
+    inputs, _ = _batch(model)
+    with torch.no_grad():
+        logits, emb = net(inputs)
+    merged = cdd_plugin.merge(net)
+    with torch.no_grad():
+        logits2, emb2 = merged(inputs)
+    width = state.unit_channels(last[0])
+    assert emb2.shape[1] == width // 2 and merged.head.fc.in_features == width // 2
+    assert torch.allclose(logits2, logits, atol=1e-5 * logits.abs().max().item(), rtol=1e-5)
+    assert torch.allclose(torch.cdist(emb2, emb2), torch.cdist(emb, emb), atol=1e-5 * emb.abs().max().item())
 
 
 def test_the_vit_configs_build_the_authors_placement_on_deit_small():

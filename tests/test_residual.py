@@ -299,3 +299,64 @@ def test_a_group_with_an_ignored_member_is_left_dense_and_the_model_unchanged_on
     assert not any(h for m in fresh.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
     assert fresh.state_dict().keys() == snap.keys()
     assert all(torch.equal(v, snap[k]) for k, v in fresh.state_dict().items())
+
+
+# -- the embedding ------------------------------------------------------------------------------
+class EmbeddingNet(nn.Module):
+    """A retrieval network: ResNet-18 stages, the pooled last stage as the embedding, a classifier on it."""
+
+    def __init__(self, act=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torchvision.models.resnet18(num_classes=5)
+        self.act = act
+
+    def forward(self, x):
+        b = self.body
+        x = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
+        emb = torch.flatten(b.avgpool(x), 1)
+        if self.act is not None:
+            emb = self.act(emb)
+        return b.fc(emb), emb
+
+
+def test_cut_embedding_drops_the_zero_channels_from_the_embedding_and_the_classifier():
+    x = torch.randn(2, 3, 32, 32)
+    state = cdd_plugin.insert_dgc(EmbeddingNet(), x, CDDConfig(sites="all", residual=True))
+    assert len([u for u in state.units if state.tied(u)]) == 3
+    assert any("cut_embedding=True" in sk.reason for sk in state.skipped), state.report()
+
+    net = EmbeddingNet()
+    state = cdd_plugin.insert_dgc(net, x, CDDConfig(sites="all", residual=True, cut_embedding=True))
+    groups = [u for u in state.units if state.tied(u)]
+    assert len(groups) == 4, state.report()
+    last = "residual:body.layer4.0.bn2"
+    assert state.tap_points()[last] == ("body.layer4.1", "output")  # the stage output, the teacher's too
+    randomise_bn(net)
+    zero_units(state, 0.5)
+    net.eval()
+    with torch.no_grad():
+        logits, emb = net(x)
+    merged = cdd_plugin.merge(net)
+    with torch.no_grad():
+        logits2, emb2 = merged(x)
+    kept = state.kept_channels()[last]
+    assert emb2.shape == (2, kept) and kept == 256 and merged.body.fc.in_features == kept
+    assert torch.allclose(logits2, logits, atol=1e-5 * logits.abs().max().item(), rtol=1e-5)
+    alive = state.unit_norms(last) > 0  # the embedding keeps the stream's live channels, in order
+    assert (emb[:, ~alive] == 0).all()  # the others were exactly zero: distances do not change
+    assert torch.allclose(emb2, emb[:, alive], atol=1e-5 * emb.abs().max().item(), rtol=1e-5)
+    assert torch.allclose(torch.cdist(emb2, emb2), torch.cdist(emb, emb), atol=1e-4)
+    assert cdd_plugin.profile(merged, x[:1])["flops"] == state.predicted_flops()
+
+
+def test_cut_embedding_is_refused_where_a_zero_channel_would_not_stay_zero_in_the_output():
+    with pytest.raises(cdd_plugin.ConfigError, match="residual=True"):
+        CDDConfig(cut_embedding=True)
+    x = torch.randn(2, 3, 32, 32)
+    state = cdd_plugin.insert_dgc(EmbeddingNet(act=nn.Sigmoid()), x,
+                                  CDDConfig(sites="all", residual=True, cut_embedding=True))
+    assert "residual:body.layer4.0.bn2" not in state.units  # sigmoid(0) = 0.5: the probe removes the group
+    why = [sk.reason for sk in state.skipped if "model output as a non-zero value" in sk.reason]
+    assert why, state.report()
+    assert len([u for u in state.units if state.tied(u)]) == 3

@@ -422,19 +422,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     arch = build_arch(arch_name, num_classes=num_classes, meta=meta)
     shape = parse_shape(args.input) or _meta_shape(meta) or arch.input
     x2 = arch.inputs(2, shape)
-    # the placement the student was trained with: recorded in the meta, else the one whose compactors
-    # are exactly the checkpoint's (the authors' placement first)
+    # the placement the student was trained with (sites, residual groups): recorded in the meta, else the
+    # one whose compactors are exactly the checkpoint's (the authors' placement first)
     wanted = {k for k in sd if k.endswith("cdd_dgc.weight")}
-    placements = [meta["sites"]] if meta.get("sites") in ("paper", "all") else ["paper", "all"]
+    sites_options = [meta["sites"]] if meta.get("sites") in ("paper", "all") else ["paper", "all"]
+    residual_options = [meta["residual"]] if isinstance(meta.get("residual"), bool) else [False, True]
+    placements = [(s, r) for s in sites_options for r in residual_options]
     model = state = None
-    for sites in placements:
+    for sites, residual in placements:
         candidate = arch.model if model is None else build_arch(arch_name, num_classes=num_classes, meta=meta).model
-        cfg = cdd_plugin.CDDConfig(threshold=args.threshold, sites=sites, round_to=args.round_to)
+        cfg = cdd_plugin.CDDConfig(threshold=args.threshold, sites=sites, round_to=args.round_to, residual=residual)
         try:
             st = cdd_plugin.insert_dgc(candidate, x2, cfg, forward_fn=arch.forward_fn,
                                        customized_pruners=arch.customized_pruners)
         except cdd_plugin.SurgeryError as exc:
-            if sites == placements[-1] and state is None:
+            if (sites, residual) == placements[-1] and state is None:
                 raise CLIError(f"surgery on --arch {arch_name} failed: {str(exc).splitlines()[0]}") from exc
             continue
         model, state = candidate, st
@@ -470,7 +472,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(f"  {'before':8} {before['params']:>14,d} {before['flops']:>16,d}")
     print(f"  {'after':8} {after['params']:>14,d} {after['flops']:>16,d}")
     print(f"  reduction: {1 - after['flops'] / before['flops']:.1%} FLOPs, {1 - after['params'] / before['params']:.1%}"
-          f" params; channels kept {sum(state.kept_channels().values())}/{sum(s.channels for s in state.sites)}; "
+          f" params; channels kept {sum(state.kept_channels().values())}/{state.summary()['channels_total']}; "
           f"output difference {err:.1e} (relative to the largest output)")
     print("  (before: the trained student with BatchNorms and DGCs folded and no channel removed)")
     return 0

@@ -555,7 +555,7 @@ def distil_student(student: nn.Module, teacher: nn.Module, state, data, cfg: Dem
     step = 0
     distiller.train()
     dense = state.dense_flops()
-    total_ch = sum(site.channels for site in state.sites)
+    total_ch = state.summary()["channels_total"]
     for epoch in range(cfg.student_epochs):
         sums: Dict[str, float] = {}
         n = 0
@@ -711,7 +711,8 @@ def run_demo(cfg: DemoConfig, progress: str = "auto") -> dict:
         history.close()
         meta = arch_meta(cfg, data.num_classes)
         torch.save({"model": student.state_dict(), "cdd": state.state_dict(),
-                    "meta": dict(meta, threshold=cfg.threshold, prefix="", sites=cfg.sites)}, out / "student_cdd.pth")
+                    "meta": dict(meta, threshold=cfg.threshold, prefix="", sites=cfg.sites, residual=ccfg.residual)},
+                   out / "student_cdd.pth")
 
         # 4. merge, evaluate, count: the core's end of a run, with the demo's evaluation and timing
         logger.info("[4/4] merging, evaluating and profiling")

@@ -60,6 +60,28 @@ class RetrievalNet(nn.Module):
         return self.head(tuple(feats)), feats[-1]
 
 
+    def cdd_cut_embedding(self, dropped: List[int]) -> None:
+        """Merge calls this when the embedding loses the (exactly zero) channels ``dropped``
+        (``cdd=dict(cut_embedding=True)``): the classification head, outside the traced embedding
+        path, loses the same inputs, so ``forward`` still computes the trained logits."""
+        if self.head is None or not dropped:
+            return
+        name, fc = next(((n, m) for n, m in self.head.named_modules() if isinstance(m, nn.Linear)), (None, None))
+        if fc is None or max(dropped) >= fc.in_features:
+            raise ValueError(f"the head {type(self.head).__name__} has no Linear layer reading the "
+                             f"{max(dropped) + 1}+-wide embedding, so its inputs cannot be cut to match; train "
+                             "without cut_embedding")
+        gone = set(dropped)
+        keep = torch.tensor([i for i in range(fc.in_features) if i not in gone], device=fc.weight.device)
+        new = nn.Linear(len(keep), fc.out_features, bias=fc.bias is not None).to(fc.weight.device, fc.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(fc.weight[:, keep])
+            if fc.bias is not None:
+                new.bias.copy_(fc.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(self.head.get_submodule(parent) if parent else self.head, child, new)
+
+
 def _embed_forward(model: RetrievalNet, inputs: torch.Tensor) -> torch.Tensor:
     """Surgery/FLOPs/merge trace only the embedding network (the classifier is not deployed)."""
     return model.embed(inputs)
