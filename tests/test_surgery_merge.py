@@ -402,3 +402,26 @@ def test_round_to_keeps_widths_hardware_likes_and_stays_exact(round_to):
     for d in cdd_plugin.graph.find_dgcs(plain).values():
         d.round_to = 1
     assert cdd_plugin.profile(cdd_plugin.merge(plain), X_SMALL[:1])["flops"] <= state.predicted_flops()
+
+
+def test_an_output_that_is_also_read_further_is_left_whole_and_the_model_merges():
+    """``return fc(emb), emb``: torch-pruning marks no output node for ``emb`` (its node exists already
+    as the classifier's input); surgery finds it and leaves its channels whole, so merge returns the same
+    two outputs instead of refusing the model at the end of training."""
+    from nets import SmallNet, randomise
+
+    torch.manual_seed(0)
+    model = SmallNet()
+    x = torch.randn(2, 3, 16, 16)
+    state = cdd_plugin.insert_dgc(model, x, CDDConfig(sites="all"))
+    assert "bn3.cdd_dgc" not in state.compactors
+    assert any(sk.layers == ["conv3"] and "model output" in sk.reason for sk in state.skipped), state.report()
+    randomise(model, state)
+    model.eval()
+    with torch.no_grad():
+        logits, emb = model(x)
+        merged = cdd_plugin.merge(model)
+        logits2, emb2 = merged(x)
+    assert emb2.shape == emb.shape and torch.allclose(emb2, emb, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(logits2, logits, atol=1e-5, rtol=1e-4)
+    assert merged.conv2.out_channels < 32
