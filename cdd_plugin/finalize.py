@@ -29,7 +29,7 @@ from torch import nn
 from .export import save_merged
 from .merge import merge
 from .profile import measure_latency, profile
-from .graph import SurgeryError, find_dgcs, run as _run
+from .graph import SurgeryError, find_dgcs, run_with_hooks
 from .surgery import insert_dgc
 
 logger = logging.getLogger("cdd_plugin")
@@ -48,15 +48,7 @@ def used_parameters(model: nn.Module, example_inputs: Any, forward_fn: Optional[
     """Parameters of the modules that the forward (``forward_fn``) actually calls."""
     called: Dict[int, nn.Module] = {}
     hooks = [m.register_forward_hook(lambda mod, i, o: called.__setitem__(id(mod), mod)) for m in model.modules()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _run(model, example_inputs, forward_fn)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    run_with_hooks(model, example_inputs, forward_fn, hooks)
     seen, total = set(), 0
     for m in called.values():
         for p in m.parameters(recurse=False):

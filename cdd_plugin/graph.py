@@ -57,6 +57,20 @@ def run(model: nn.Module, example_inputs: Any, forward_fn: Optional[Callable] = 
     return model(example_inputs)
 
 
+def run_with_hooks(model: nn.Module, example_inputs: Any, forward_fn: Optional[Callable] = None, handles=()):
+    """One forward in eval mode without gradients, with the given hook ``handles`` in place; the hooks
+    are removed and the training mode restored afterwards, whatever happens. Returns the output."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return run(model, example_inputs, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def describe_inputs(example_inputs: Any) -> str:
     if isinstance(example_inputs, torch.Tensor):
         return f"a tensor of shape {tuple(example_inputs.shape)}"

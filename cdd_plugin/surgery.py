@@ -19,7 +19,7 @@ from torch import nn
 from .config import CDDConfig
 from .dgc import DGC, DGC_ATTR, apply_input_dgc, apply_output_dgc
 from .graph import (SurgeryError, build_graph, check_inputs, detach_inputs, find_dgcs, flat_tensors, get_module,
-                    is_depthwise, run, to_double)
+                    is_depthwise, run, run_with_hooks, to_double)
 from .placement import DGCSite, Planner, ResidualGroup, Skipped, paper_sites
 
 __all__ = ["DGCSite", "Skipped", "SurgeryError", "attach", "detach", "find_dgcs", "insert_dgc"]
@@ -219,15 +219,7 @@ def _tap_groups(model: nn.Module, groups: List[ResidualGroup], example_inputs, f
 
     hooks = [get_module(model, n).register_forward_pre_hook(seen(n)) for n in names | set(hosts)]
     hooks += [get_module(model, b).register_forward_hook(block_out(b)) for b in blocks]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            run(model, example_inputs, forward_fn)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_with_hooks(model, example_inputs, forward_fn, hooks)
     last = {n: i for i, n in enumerate(order)}
     for g in groups:
         called = [c for c in g.consumers if c in last]

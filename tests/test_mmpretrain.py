@@ -450,13 +450,25 @@ TINY_VIT = dict(type="VisionTransformer", arch=dict(embed_dims=32, num_layers=2,
                 img_size=(64, 32), patch_size=16, out_type="cls_token", init_cfg=None)
 
 
+def _train_with_cdd_wrapper(model, steps):
+    """``steps`` SGD steps through the CDD optimizer wrapper on one batch; returns the batch's inputs."""
+    from mmengine.optim import build_optim_wrapper
+
+    wrapper = build_optim_wrapper(model, dict(type="CDDOptimWrapper", constructor="CDDOptimWrapperConstructor",
+                                              optimizer=dict(type="SGD", lr=0.05, momentum=0.9)))
+    model.train()
+    inputs, samples = _batch(model)
+    for _ in range(steps):
+        loss, _ = model.parse_losses(model.loss(inputs, samples))
+        wrapper.update_params(loss)
+    return inputs
+
+
 def test_vit_student_compacts_its_mlps_trains_with_the_wrappers_and_merges_exactly(small_cfg):
     """MMPretrain's VisionTransformer through CDDRetriever: the authors' placement selects each
     block's MLP hidden set (attention stays dense, the report says why), the CDD optimizer
     wrapper trains it on token features, and the merged student computes what the trained one
     computes with narrower MLPs."""
-    from mmengine.optim import build_optim_wrapper
-
     model = _build(small_cfg, image_encoder=[TINY_VIT], cdd=dict(queue_size=64, mask_start=0, ratio=0.9,
                                                                   lasso=0.05),
                    head=dict(type="LinearClsHead", num_classes=6, in_channels=32))
@@ -464,13 +476,7 @@ def test_vit_student_compacts_its_mlps_trains_with_the_wrappers_and_merges_exact
     assert all(s.producer.endswith("ffn.layers.0.0") for s in state.sites), state.report()
     assert len(state.sites) == 2 and all(s.channels == 64 and s.channels_last for s in state.sites)
     assert "attn.qkv" in state.report()
-    wrapper = build_optim_wrapper(model, dict(type="CDDOptimWrapper", constructor="CDDOptimWrapperConstructor",
-                                              optimizer=dict(type="SGD", lr=0.05, momentum=0.9)))
-    model.train()
-    inputs, samples = _batch(model)
-    for _ in range(6):
-        loss, _ = model.parse_losses(model.loss(inputs, samples))
-        wrapper.update_params(loss)
+    inputs = _train_with_cdd_wrapper(model, 6)
     assert state.iteration == 6
     assert sum(int((d.mask == 0).sum()) for d in state.compactors.values()) > 0
     net = model.student_net
@@ -490,20 +496,12 @@ def test_vit_student_compacts_its_mlps_trains_with_the_wrappers_and_merges_exact
 def test_residual_groups_from_cdd_dict_train_tied_and_merge_exactly(small_cfg):
     """cdd=dict(residual=True): MMPretrain's ResNet stages are compacted as tied groups through
     CDDRetriever and the CDD optimizer wrapper; merge cuts the streams exactly."""
-    from mmengine.optim import build_optim_wrapper
-
     torch.manual_seed(0)
     model = _build(small_cfg, cdd=dict(queue_size=64, mask_start=0, ratio=0.9, lasso=0.05, residual=True))
     state = model.cdd_state
     groups = [u for u in state.units if state.tied(u)]
     assert groups and all(len(state.units[u]) >= 2 for u in groups), state.report()
-    wrapper = build_optim_wrapper(model, dict(type="CDDOptimWrapper", constructor="CDDOptimWrapperConstructor",
-                                              optimizer=dict(type="SGD", lr=0.05, momentum=0.9)))
-    model.train()
-    inputs, samples = _batch(model)
-    for _ in range(4):
-        loss, _ = model.parse_losses(model.loss(inputs, samples))
-        wrapper.update_params(loss)
+    inputs = _train_with_cdd_wrapper(model, 4)
     for u in groups:
         assert all(torch.equal(state.compactors[n].mask, state.unit_mask(u)) for n in state.units[u])
     assert any((state.unit_mask(u) == 0).any() for u in groups)

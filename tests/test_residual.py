@@ -12,6 +12,7 @@ from torch import nn
 import cdd_plugin
 from cdd_plugin import CDDConfig, RGGROptimizer
 from cdd_plugin.distill import CDDDistiller, LossConfig, total_loss
+from nets import check_exact, randomise_bn
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -30,32 +31,6 @@ def zero_units(state, frac, seed=0):
                 state.compactors[n].zero_(rows)
 
 
-def randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-
-
-def exact_merge(model, state, x, rel=1e-5):
-    model.eval()
-    with torch.no_grad():
-        y = model(x)
-    merged = cdd_plugin.merge(model)
-    with torch.no_grad():
-        y2 = merged(x)
-    y, y2 = (y[-1], y2[-1]) if isinstance(y, (list, tuple)) else (y, y2)
-    assert y.shape == y2.shape
-    err = (y - y2).abs().max().item()
-    assert err <= rel * y.abs().max().item(), f"merge changed the output by {err}"
-    assert cdd_plugin.profile(merged, x[:1])["flops"] == state.predicted_flops()
-    return merged
-
-
 def test_resnet50_stream_is_compacted_exactly_and_removes_over_90_percent():
     torch.manual_seed(0)
     dense = torchvision.models.resnet50()
@@ -66,7 +41,7 @@ def test_resnet50_stream_is_compacted_exactly_and_removes_over_90_percent():
         state = cdd_plugin.insert_dgc(model, X, CDDConfig(sites="all", residual=residual))
         randomise_bn(model)
         zero_units(state, 0.9)
-        merged = exact_merge(model, state, X)
+        merged = check_exact(model, state, X, rel=1e-5)
         prof = cdd_plugin.profile(merged, X[:1])
         removed[residual] = (1 - prof["flops"] / base["flops"], 1 - prof["params"] / base["params"])
     groups = {u: len(m) for u, m in state.units.items() if state.tied(u)}
@@ -104,7 +79,7 @@ def test_fastreid_resnet50_backbone_merges_exactly_with_its_stages_compacted():
     assert len([u for u in state.units if not state.tied(u)]) == 16  # the authors' sites alongside
     randomise_bn(backbone)
     zero_units(state, 0.7)
-    merged = exact_merge(backbone, state, X)
+    merged = check_exact(backbone, state, X, rel=1e-5)
     assert_members_cut(merged, state)
 
 
@@ -204,7 +179,7 @@ def test_tied_lasso_drives_masked_channels_to_zero_in_every_member_and_merge_cut
     assert state.kept_channels()[unit] == 28
     net.eval()
     randomise_bn(net)
-    merged = exact_merge(net, state, torch.randn(2, 3, 32, 32))
+    merged = check_exact(net, state, torch.randn(2, 3, 32, 32), rel=1e-5)
     assert merged.layer2[1].conv2.out_channels == 28 and merged.layer3[0].conv1.in_channels == 28
 
 
@@ -229,7 +204,7 @@ def test_distiller_scores_groups_at_the_teacher_stage_output_and_merges_exactly(
     assert state.planned_flops() < 0.5 * state.dense_flops()
     randomise_bn(student)
     zero_units(state, 0.5, seed=3)
-    exact_merge(student, state, torch.randn(2, 3, 32, 32))
+    check_exact(student, state, torch.randn(2, 3, 32, 32), rel=1e-5)
 
 
 # -- bad input ---------------------------------------------------------------------------------
