@@ -437,6 +437,10 @@ class CDDState:
             if not isinstance(m, torch.Tensor) or m.shape != d.mask.shape:
                 raise ValueError(f"the checkpoint's mask of {n} is missing or has another shape; it does not belong "
                                  "to this model")
+        for u, members in self.units.items():
+            if len(members) > 1 and not all(torch.equal(sd["masks"][m], sd["masks"][members[0]]) for m in members):
+                raise ValueError(f"the checkpoint's masks of the residual group {u} differ between its members, which "
+                                 "share one mask; the checkpoint was edited or written by another program")
         for n, q in self.queues.items():
             qs = sd["queues"].get(n)
             if not isinstance(qs, dict) or int(qs.get("size", -1)) != q.size:

@@ -150,6 +150,14 @@ def test_rggr_masks_a_group_in_every_member_and_resume_restores_tied_masks(tmp_p
     _train(net_c, st_c, opt_c, 4, start=4)
     for u in st_a.units:
         assert torch.equal(st_a.unit_mask(u), st_c.unit_mask(u)), u
+    # a checkpoint whose members of one group disagree is refused before anything changes
+    sd = st_a.state_dict()
+    member = st_a.units["residual:layer2.0.bn2"][1]
+    sd["masks"][member] = torch.zeros_like(sd["masks"][member])
+    before = {n: m.clone() for n, m in st_c.masks().items()}
+    with pytest.raises(ValueError, match="residual group residual:layer2.0.bn2 differ"):
+        st_c.load_state_dict(sd)
+    assert all(torch.equal(before[n], m) for n, m in st_c.masks().items())
     for (k, va), vc in zip(net_a.state_dict().items(), net_c.state_dict().values()):
         assert torch.allclose(va, vc, atol=1e-6), k
 
