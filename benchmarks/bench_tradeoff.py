@@ -45,6 +45,8 @@ tp_sparse      torch-pruning's own sparse training: ``GroupNormPruner`` regulari
                KD for the rest
 light          the same ResNet with the ``width_per_group`` whose deployed FLOPs are closest to the
                equal FLOPs, its own pretraining, KD for the whole budget
+tp_residual    ``tp`` with the residual streams prunable too (the channel sets of ``residual=True``): the
+               fair partner of the residual CDD rows below
 =============  ===========================================================================
 
 Ablations of the recipe (run with ``--rows``; each is cdd_rggr with its chosen lasso and one setting
@@ -109,7 +111,8 @@ import tradeoff_common as tc  # noqa: E402
 
 logger = logging.getLogger("bench_tradeoff")
 
-ROWS = ["teacher", "kd_heavy", "cdd_rggr", "cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
+ROWS = ["teacher", "kd_heavy", "cdd_rggr", "cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light",
+        "tp_residual"]
 ABLATIONS = {"abl_feat_after": dict(feat_tap="after"), "abl_no_decay": dict(decay_compactors=False),
              "abl_no_snap": dict(snap_to_zero=False), "abl_mask_late": dict(mask_start_frac=40 / 120),
              "abl_ratio_authors": dict(ratio=0.5), "abl_sites_authors": dict(sites="paper"),
@@ -133,8 +136,9 @@ LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CD
           "abl_live_p09_feat_after": "ablation: live lasso 0.004, p = 0.9, feature term after the compactor",
           "abl_live_p09_no_decay": "ablation: live lasso 0.004, p = 0.9, no weight decay on compactors",
           "abl_residual": "beyond the paper: residual streams compacted too (residual=True)",
+          "tp_residual": "torch-pruning one-shot + KD, residual streams prunable too (as residual=True)",
           "abl_live_p09_residual": "beyond the paper: live lasso 0.004, p = 0.9, residual streams compacted too"}
-COMPRESSING = ["cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light"]
+COMPRESSING = ["cdd_rggr_all", "cdd_norm", "cdd_lasso", "tp", "tp_sparse", "light", "tp_residual"]
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "smoke": dict(arch="resnet26", input_size=(32, 16), train_ids=8, val_ids=4, pretrain_ids=8, test_ids=8,
@@ -519,6 +523,8 @@ class Runner:
             rec = self.run_cdd(row, self._cdd_cfg(live, flops_target=S.flops_target or None, **over), settings=S2)
         elif row == "tp":
             rec = self.tp(ref)
+        elif row == "tp_residual":
+            rec = self.tp(ref, residual=True)
         elif row == "tp_sparse":
             rec = self.tp_sparse(ref)
         elif row == "light":
@@ -551,20 +557,21 @@ class Runner:
                  feature_sites=self.feature_sites, progress=self.progress)
         return self._record(name, tc.deploy(model, self.S), t0, key, extra)
 
-    def tp(self, ref: int) -> dict:
+    def tp(self, ref: int, residual: bool = False) -> dict:
         S = self.S
-        key = self.key("tp", S.STUDENT_FIELDS + ("tp_global",), kd=self._kd_key, ref=ref)
-        rec = self.cache.load("tp", key)
+        name = "tp_residual" if residual else "tp"
+        key = self.key(name, S.STUDENT_FIELDS + ("tp_global",), kd=self._kd_key, ref=ref)
+        rec = self.cache.load(name, key)
         if rec is not None:
             return rec
-        t0 = self._begin("tp")
+        t0 = self._begin(name)
         try:
             model = tc.ReIDNet(S.arch, self.classes)
             model.load_state_dict(torch.load(self.cache.weights("kd_heavy_at_mask_start", self._kd_key),
                                              map_location="cpu", weights_only=True))
-            pruned, info = tc.tp_prune(model, S, ref)
-            logger.info("tp: pruned at iteration %d with ratio %.4f", S.mask_start, info["pruning_ratio"])
-            return self._finetune("tp", pruned.to(self.dev), S.mask_start, key, t0,
+            pruned, info = tc.tp_prune(model, S, ref, residual=residual)
+            logger.info("%s: pruned at iteration %d with ratio %.4f", name, S.mask_start, info["pruning_ratio"])
+            return self._finetune(name, pruned.to(self.dev), S.mask_start, key, t0,
                                   {**info, "pruned_at": S.mask_start, "iterations": S.budget})
         finally:
             self._end()
@@ -615,7 +622,7 @@ class Runner:
     def run(self, rows: List[str]) -> None:
         self.pretrained()
         self.teacher()
-        if any(r in rows for r in ["kd_heavy", "tp"]):
+        if any(r in rows for r in ["kd_heavy", "tp", "tp_residual"]):
             self.kd_heavy()
         if any(r != "teacher" and r != "kd_heavy" for r in rows):
             self.cdd_rggr()

@@ -632,26 +632,30 @@ def light_width(S: Settings, classes: int, target_flops: float) -> Tuple[int, in
     return best, f(best)
 
 
-def cdd_producers(model: nn.Module, S: Settings, sites: str = "all") -> List[str]:
-    """Names of the convolutions whose output channels CDD compacts with ``sites`` (surgery on a copy)."""
-    st = cdd_plugin.insert_dgc(_fresh_like(model), example_input(S), cdd_plugin.CDDConfig(sites=sites))
+def cdd_producers(model: nn.Module, S: Settings, sites: str = "all", residual: bool = False) -> List[str]:
+    """Names of the convolutions whose output channels CDD compacts with ``sites`` (and ``residual``
+    groups) (surgery on a copy)."""
+    st = cdd_plugin.insert_dgc(_fresh_like(model), example_input(S),
+                               cdd_plugin.CDDConfig(sites=sites, residual=residual))
     return [s.producer for s in st.sites]
 
 
-def _tp_ignored(model: nn.Module, S: Settings) -> List[nn.Module]:
-    producers = set(cdd_producers(model, S, "all"))
+def _tp_ignored(model: nn.Module, S: Settings, residual: bool = False) -> List[nn.Module]:
+    producers = set(cdd_producers(model, S, "all", residual))
     return [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in producers]
 
 
-def tp_prune(model: nn.Module, S: Settings, target_flops: float, importance=None) -> Tuple[nn.Module, dict]:
+def tp_prune(model: nn.Module, S: Settings, target_flops: float, importance=None,
+             residual: bool = False) -> Tuple[nn.Module, dict]:
     """One-shot pruning with torch-pruning (``BasePruner``; ``MagnitudeImportance(p=2)`` unless
     ``importance`` is given) to ``target_flops`` (deployed FLOPs), ratio by bisection. The prunable
     channel sets are the ones CDD can compact (``sites='all'``: every bottleneck's inner sets and the
-    stem; residual-coupled channels are never pruned); per-layer (uniform ratio) unless ``S.tp_global``."""
+    stem; residual-coupled channels only with ``residual``, as CDD's residual groups); per-layer
+    (uniform ratio) unless ``S.tp_global``."""
     import torch_pruning as tp
 
     model = model.cpu().eval()
-    ignored_names = {n for n, m in model.named_modules() if m in set(_tp_ignored(model, S))}
+    ignored_names = {n for n, m in model.named_modules() if m in set(_tp_ignored(model, S, residual))}
     x = example_input(S)
     imp = importance or tp.importance.MagnitudeImportance(p=2)
 
@@ -683,7 +687,9 @@ def tp_prune(model: nn.Module, S: Settings, target_flops: float, importance=None
     ratio, pruned, _ = best
     return pruned, {"pruning_ratio": round(ratio, 4), "global_pruning": bool(S.tp_global),
                     "importance": type(imp).__name__,
-                    "prunable": "the channel sets CDD can compact (sites='all'); residual channels kept"}
+                    "prunable": "the channel sets CDD can compact (sites='all'" + (
+                        ", residual=True): residual streams too, where CDD's groups reach" if residual
+                        else "); residual channels kept")}
 
 
 class SparseTrainer:
