@@ -83,6 +83,10 @@ class CDDState:
     def unit_channels(self, unit: str) -> int:
         return self._unit_site[unit].channels
 
+    def unit_site(self, unit: str) -> DGCSite:
+        """The unit's site (a residual group's first member: channels, tap, ``embedding``)."""
+        return self._unit_site[unit]
+
     def unit_mask(self, unit: str) -> torch.Tensor:
         """The unit's mask (every member of a residual group holds the same one)."""
         return self.compactors[self.units[unit][0]].mask

@@ -529,7 +529,7 @@ def test_cut_embedding_narrows_the_embedding_and_the_head_outside_the_traced_pat
     torch.manual_seed(0)
     model = _build(small_cfg, cdd=dict(queue_size=64, residual=True, cut_embedding=True))
     state = model.cdd_state
-    last = [u for u in state.units if state.tied(u) and state._unit_site[u].embedding]
+    last = [u for u in state.units if state.tied(u) and state.unit_site(u).embedding]
     assert len(last) == 1 and state.tap_points()[last[0]][1] == "output", state.report()
     net = model.student_net
     g = torch.Generator().manual_seed(0)
