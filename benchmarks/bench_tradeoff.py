@@ -157,7 +157,8 @@ def default_cache() -> Path:
 
 #: CDDConfig fields added after the study's cache was first written, at the value that changes nothing;
 #: a key leaves them out at that value, so a new setting does not invalidate hours of cached rows
-_KEY_NEUTRAL = {"round_to": 1, "masked_lasso": None, "queue_dtype": "float32", "residual": False}
+_KEY_NEUTRAL = {"round_to": 1, "masked_lasso": None, "queue_dtype": "float32", "residual": False,
+                "cut_embedding": False}
 #: fields that never change a training run (what a checkpoint holds)
 _KEY_IGNORED = ("checkpoint_queues",)
 
