@@ -687,6 +687,10 @@ def write_results(runner: Runner, t_start: float) -> None:
         "rows": rows, "targets": targets(runner), "speed_check": getattr(runner, "speed", None),
         "paired_vs_cdd_rggr": {r["row"]: paired(runner.per_query["cdd_rggr"], runner.per_query[r["row"]])
                                for r in rows if "cdd_rggr" in runner.per_query and r["row"] != "cdd_rggr"},
+        # every pair of rows: (row a - row b, s.e.) in mAP points over the same test queries
+        "paired": {a["row"]: {b["row"]: paired(runner.per_query[a["row"]], runner.per_query[b["row"]])
+                              for b in rows if b["row"] != a["row"] and b["row"] in runner.per_query}
+                   for a in rows if a["row"] in runner.per_query},
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     if rows:
@@ -710,12 +714,14 @@ def markdown(s: dict, S: tc.Settings) -> str:
          f"{S.pretrain_iters} iterations, teacher {S.teacher_iters}, every row {S.budget} (masks / pruning from "
          f"{S.mask_start})",
          f"- {s['lasso_scaling']}", "", "## Results (test identities)", "",
-         "| row | mAP (s.e.) | vs CDD + RGGR (paired s.e.) | rank-1 | val mAP | params (M) | MFLOPs | FLOPs vs heavy | "
-         + " | ".join(f"ms b{b}" for b in bs) + " | notes |",
-         "|---|---|---|---|---|---|---|---|" + "---|" * len(bs) + "---|"]
+         "| row | mAP (s.e.) | vs CDD + RGGR (paired s.e.) | vs KD heavy (paired s.e.) | rank-1 | val mAP | "
+         "params (M) | MFLOPs | FLOPs vs heavy | " + " | ".join(f"ms b{b}" for b in bs) + " | notes |",
+         "|---|---|---|---|---|---|---|---|---|" + "---|" * len(bs) + "---|"]
     for r in s["rows"]:
         pv = s["paired_vs_cdd_rggr"].get(r["row"])
         pvs = f"{-pv[0]:+.2f} ({pv[1]:.2f})" if pv else "-"
+        pk = s.get("paired", {}).get(r["row"], {}).get("kd_heavy")
+        pks = f"{pk[0]:+.2f} ({pk[1]:.2f})" if pk else "-"
         note = []
         if "channels_masked" in r:
             mr = r["masked_rows"]
@@ -729,12 +735,13 @@ def markdown(s: dict, S: tc.Settings) -> str:
             note.append(f"width_per_group {r['width_per_group']}")
         if "matched_to" in r:
             note.append(f"matched to {r['matched_to']}")
-        L.append(f"| {r['label']} | {r['mAP']:.2f} ({r['mAP_se']:.2f}) | {pvs} | {r['rank1']:.2f} | "
+        L.append(f"| {r['label']} | {r['mAP']:.2f} ({r['mAP_se']:.2f}) | {pvs} | {pks} | {r['rank1']:.2f} | "
                  f"{r['val_mAP']:.2f} | {r['params'] / 1e6:.2f} | {r['flops'] / 1e6:.1f} | "
                  f"{100 * r['flops_vs_heavy']:.1f}% | "
                  + " | ".join(f"{r['latency_ms'][b]:.1f}" if b in r.get("latency_ms", {}) else "-" for b in bs)
                  + f" | {'; '.join(note)} |")
-    L += ["", "Paired differences are (row - CDD + RGGR) in mAP points over the same test queries.", "",
+    L += ["", "Paired differences are (row - CDD + RGGR) and (row - KD heavy) in mAP points over the same test "
+          "queries (every pair in results.json under 'paired').", "",
           "## Lasso chosen on the validation split", "",
           "| lasso | x scaled | val mAP | FLOPs removed | test mAP | chosen |", "|---|---|---|---|---|---|"]
     for c in s["lasso_selection"]:
