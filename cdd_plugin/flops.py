@@ -218,11 +218,11 @@ class FlopsModel:
         return cls(units, C, c0 / batch, a / batch, Bm / batch)
 
 
-T = torch.Tensor
+_T = torch.Tensor
 #: functions through which a tensor keeps the channel composition of its (same-shaped) argument
 _ELEMENTWISE = {torch.add, torch.sub, torch.mul, torch.relu, torch.relu_, torch.nn.functional.relu, torch.clone,
-                T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, T.sub, T.__sub__, T.mul, T.__mul__, T.relu,
-                T.relu_, T.clone, T.contiguous}
+                _T.add, _T.add_, _T.__add__, _T.__iadd__, _T.__radd__, _T.sub, _T.__sub__, _T.mul, _T.__mul__,
+                _T.relu, _T.relu_, _T.clone, _T.contiguous}
 
 
 def _batch_size(x) -> int:

@@ -444,7 +444,8 @@ class CDDState:
         for u, members in self.units.items():
             if len(members) > 1 and not all(torch.equal(sd["masks"][m], sd["masks"][members[0]]) for m in members):
                 raise ValueError(f"the checkpoint's masks of the residual group {u} differ between its members, which "
-                                 "share one mask; the checkpoint was edited or written by another program")
+                                 "share one mask; the checkpoint was edited or written by another program. Fix: resume from an unedited "
+                                 "checkpoint of this run (or start the run again)")
         for n, q in self.queues.items():
             qs = sd["queues"].get(n)
             if not isinstance(qs, dict) or int(qs.get("size", -1)) != q.size:
