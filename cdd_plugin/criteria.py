@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from .rggr import select_unimportant
+import torch
+
+from .rggr import select_unimportant_many
 
 Proposal = Tuple[float, str, int]
 
@@ -27,22 +29,26 @@ class Criterion:
 class RGGR(Criterion):
     """Retrieval-Guided Gradient Resetting (METHOD.md section 4): a channel is proposed when it is
     among the ``ratio`` least contributing channels for every (query, teacher neighbour) pair of
-    the batch; among proposals the smaller row norm goes first. A residual group is scored from its
+    the batch (one batched selection over all sites per refresh); among proposals the smaller row
+    norm goes first. A residual group is scored from its
     output (the stage output) and ranked by its members' root-mean-square row norm."""
 
     name = "rggr"
 
     def propose(self, state) -> List[Proposal]:
         cfg = state.cfg
+        items = {name: (s, t, state.queues[name].bank(), state.queues[name].bank_norms())
+                 for name, (s, t) in state.pending().items()}
+        masks = select_unimportant_many(items, cfg.k, cfg.ratio, cfg.metric)
+        if not masks:
+            return []
+        dev = next(iter(masks.values())).device
+        new = torch.cat([m & state.unit_mask(n).bool().to(dev) for n, m in masks.items()])
         out: List[Proposal] = []
-        for name, (s, t) in state.pending().items():
-            queue = state.queues[name]
-            unimportant = select_unimportant(s, t, queue.bank(), cfg.k, cfg.ratio, cfg.metric,
-                                             bank_norms=queue.bank_norms())
-            new = unimportant & state.unit_mask(name).bool().to(unimportant.device)
-            if new.any():
+        for name, fresh in zip(masks, new.cpu().split([m.numel() for m in masks.values()])):  # one copy to the host
+            if fresh.any():
                 norms = state.unit_scores(name).cpu()
-                out.extend((float(norms[c]), name, c) for c in new.nonzero().flatten().tolist())
+                out.extend((float(norms[c]), name, c) for c in fresh.nonzero().flatten().tolist())
         return out
 
 

@@ -43,6 +43,33 @@ def test_vectorised_selection_equals_the_per_sample_loop(B, C, N, k, ratio, metr
     assert torch.equal(fast, slow)
 
 
+@settings(max_examples=40, deadline=None)
+@given(sites=st.lists(st.tuples(st.sampled_from([3, 8, 17]), st.sampled_from([5, 12])), min_size=1, max_size=6),
+       B=st.integers(1, 4), k=st.integers(1, 3), ratio=st.sampled_from([0.25, 0.5, 1.0]),
+       metric=st.sampled_from(["cosine", "l2"]), ties=st.booleans(), half=st.booleans(), seed=st.integers(0, 1000))
+def test_one_batched_selection_over_all_sites_equals_one_selection_per_site(sites, B, k, ratio, metric, ties, half,
+                                                                               seed):
+    """The refresh's batched form (sites of mixed widths and bank lengths, tied values, bfloat16 banks
+    with cached norms) returns, for every site, exactly the mask of the per-site call."""
+    from cdd_plugin.rggr import MemoryQueue, select_unimportant_many
+
+    g = torch.Generator().manual_seed(seed)
+    items = {}
+    for i, (C, N) in enumerate(sites):
+        s, t = torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)
+        past = torch.randn(N, C, generator=g)
+        if ties:
+            s, t, past = s.round(), t.round(), past.round()
+        q = MemoryQueue(N + B, C, "bfloat16" if half else "float32")
+        q.push(past)
+        q.push(t)
+        items[f"site{i}"] = (s, t, q.bank(), q.bank_norms())
+    got = select_unimportant_many(items, k, ratio, metric)
+    assert list(got) == list(items)
+    for name, (s, t, bank, norms) in items.items():
+        assert torch.equal(got[name], select_unimportant(s, t, bank, k, ratio, metric, bank_norms=norms)), name
+
+
 @settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 5), N=st.integers(1, 40), k=st.integers(1, 4), levels=st.integers(1, 6),
        seed=st.integers(0, 10_000))
