@@ -58,21 +58,26 @@ def similarities(t: torch.Tensor, bank: torch.Tensor, metric: str,
 def neighbours(sim: torch.Tensor, k: int) -> torch.Tensor:
     """[B, K] indices of the ``k`` closest queued features, in ascending index order. Tie-break:
     among equally close features the one queued at the lower index is the nearer (what a stable
-    descending sort would pick). A top-k and two passes over ``sim`` instead of a full sort of
-    every row (N = 24,000 queued features: 3-10x faster on a CPU); the set is the sort's exactly."""
+    descending sort would pick). A top-(k+1) instead of a full sort of every row (N = 24,000 queued
+    features: 3-10x faster on a CPU): the (k+1)-th value tells whether the k-th ties, and only then
+    are the tied values searched for over ``sim``; the set is the sort's exactly."""
     N = sim.shape[1]
     k = min(k, N)
     top, top_idx = sim.topk(min(k + 1, N), dim=1)                 # one more: it tells whether the k-th ties
     if bool(torch.isnan(top).any()):                              # NaN similarities: the sort decides
         return torch.sort(torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k], dim=1).values
-    if k == N or bool((top[:, k] < top[:, k - 1]).all()):        # no tie at the k-th value: top-k's set
-        return torch.sort(top_idx[:, :k], dim=1).values
-    kth = top[:, k - 1:k]                                         # [B, 1] the k-th largest value
-    above = sim > kth
-    ties = sim == kth
-    need = k - above.sum(dim=1, keepdim=True)                     # ties at the k-th value still to take,
-    chosen = above | (ties & (ties.cumsum(dim=1) <= need))        # the lowest-index ones first
-    return chosen.nonzero()[:, 1].view(sim.shape[0], k)
+    out = torch.sort(top_idx[:, :k], dim=1).values                # top-k's set: right where the k-th value
+    if k == N:                                                    # does not tie with the next one
+        return out
+    tied = (top[:, k] >= top[:, k - 1]).nonzero().flatten()       # rows where it does
+    if tied.numel() == 0:
+        return out
+    sub, kth = sim[tied], top[tied, k - 1:k]                      # [R, N], [R, 1] the k-th largest value
+    ties = sub == kth
+    need = k - (top[tied, :k] > kth).sum(dim=1, keepdim=True)     # ties at the k-th value still to take,
+    chosen = (sub > kth) | (ties & (ties.cumsum(dim=1) <= need))  # the lowest-index ones first
+    out[tied] = chosen.nonzero()[:, 1].view(tied.numel(), k)
+    return out
 
 
 def num_candidates(channels: int, ratio: float) -> int:
@@ -115,7 +120,8 @@ def select_unimportant_many(items: Dict[str, Tuple[torch.Tensor, torch.Tensor, t
     idx: Dict[str, torch.Tensor] = {}
     for rows in _groups(names, lambda n: (items[n][2].shape[0], items[n][2].device)):
         sizes = [items[n][0].shape[0] for n in rows]
-        sim = torch.empty(sum(sizes), items[rows[0]][2].shape[0], device=items[rows[0]][2].device)
+        bank0 = items[rows[0]][2]
+        sim = torch.empty(sum(sizes), bank0.shape[0], dtype=torch.float32, device=bank0.device)
         for n, part in zip(rows, sim.split(sizes)):               # each site's rows written in place
             similarities(items[n][1].float(), items[n][2].float(), metric, items[n][3], out=part)
         idx.update(zip(rows, neighbours(sim, k).split(sizes)))
