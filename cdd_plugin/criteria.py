@@ -30,8 +30,8 @@ class RGGR(Criterion):
     """Retrieval-Guided Gradient Resetting (METHOD.md section 4): a channel is proposed when it is
     among the ``ratio`` least contributing channels for every (query, teacher neighbour) pair of
     the batch (one batched selection over all sites per refresh); among proposals the smaller row
-    norm goes first. A residual group is scored from its
-    output (the stage output) and ranked by its members' root-mean-square row norm."""
+    norm goes first. A residual group is scored from its output (the stage output) and ranked by
+    its members' root-mean-square row norm."""
 
     name = "rggr"
 

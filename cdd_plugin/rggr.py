@@ -89,22 +89,18 @@ def select_unimportant(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, k: 
                        metric: str = "cosine", bank_norms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean [C]: True where a channel is among the ``ratio`` least contributing for every pair.
 
-    ``bank_norms`` (optional) are the bank's row norms, cached by ``MemoryQueue``."""
-    _check(s, t, bank, k, ratio, metric)
-    s, t, bank = s.float(), t.float(), bank.float()
-    idx = neighbours(similarities(t, bank, metric, bank_norms), k)  # [B, K]
-    contrib = (bank[idx] * s[:, None, :]).abs()                # [B, K, C]
-    n = num_candidates(s.shape[1], ratio)
-    order = torch.argsort(contrib, dim=-1, stable=True)[..., :n]
-    cand = torch.zeros_like(contrib, dtype=torch.bool).scatter_(-1, order, True)
-    return cand.flatten(0, 1).all(dim=0)
+    ``bank_norms`` (optional) are the bank's row norms, cached by ``MemoryQueue``. One site of
+    ``select_unimportant_many``, which holds the computation."""
+    return select_unimportant_many({"site": (s, t, bank, bank_norms)}, k, ratio, metric)["site"]
 
 
 @torch.no_grad()
 def select_unimportant_many(items: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
                             k: int, ratio: float, metric: str = "cosine") -> Dict[str, torch.Tensor]:
     """``select_unimportant`` for every site of a refresh at once: ``{name: (s, t, bank, bank_norms)}``
-    -> ``{name: mask}``, each mask equal to what ``select_unimportant`` returns for that site alone.
+    -> ``{name: mask}``, each mask the one that site alone would get (a site's rows never meet another's).
+    Per pair (query q, teacher neighbour n): contributions |bank[n] * s[q]|, the first ``ratio`` of a
+    stable ascending sort are candidates, and a channel is unimportant when it is a candidate for all.
 
     The similarity products stay one per site (stacking the banks of one width would copy them:
     ~150 MB per refresh for the six 256-wide queues of a ResNet-50, more than the products cost);
