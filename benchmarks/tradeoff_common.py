@@ -122,6 +122,8 @@ class Settings:
     sites: str = "paper"
     flops_target: float = 0.0       # 0 = none (the authors'); else cdd_rggr stops masking at this FLOPs fraction (ours)
     lasso: float = 0.0              # 0 = the paper's 0.004 scaled to the schedule (METHOD.md section 6)
+    live_lasso: float = 0.0         # 0 = one lasso on every row (the authors'); else the lasso of the rows that
+                                    # still learn, the chosen (scaled) lasso only on masked rows (ours)
     lasso_grid: Tuple[float, ...] = (0.25, 1.0)
     threshold: float = 1e-5
     rggr_k: int = 2
