@@ -86,7 +86,8 @@ Presets
 batch 32, ~1 s per KD / CDD step, 22 s per test evaluation); 100 study / 25 validation / 400 pretraining
 / 200 test identities; 416 iterations per row (8 epochs of the study set), 600 for each pretraining
 and for the teacher; lasso grid x(0.25, 1). 64x32 (a quarter of Market-1501's native 128x64) buys a
-budget of ~400 iterations per row within ~2 hours; the ranking, not the absolute mAP, is the result.
+budget of ~400 iterations per row: the whole preset, pretraining included, took 89 minutes alone on
+2 cores (benchmarks/RESULTS.md, run C); the ranking, not the absolute mAP, is the result.
 ``--preset full``: the paper's settings on a GPU (``--device cuda``): 256x128, all 751 identities for
 training minus the validation ones, full test split, 120 epochs, lasso 0.004, queue 24000.
 ``--preset smoke``: two minutes of plumbing (ResNet-26, 16x8 input, a few iterations); numbers mean nothing.
