@@ -43,7 +43,8 @@ cdd_rggr_paper the same with the authors' placement, to the equal FLOPs (skipped
 cdd_authors    CDD + RGGR with every setting the authors' (as ``--authors``) and the chosen lasso, at the
                FLOPs it reaches itself (no target, not matched): what the authors' recipe does in this
                budget (skipped when the main row is that already)
-cdd_norm       ResRep's rule (criterion ``norm``) with the authors' placement, to the equal FLOPs
+cdd_norm       ResRep's rule (criterion ``norm``) with the main row's placement, to the equal FLOPs; at the
+               end every masked row is removed, as ResRep does (masked rows not at zero yet included)
 cdd_lasso      the group lasso alone (criterion ``none``), smallest rows cut to the equal FLOPs at the end
 tp             torch-pruning one-shot: kd_heavy's weights at the mask start (1/6 of the budget, the
                same point as CDD), ``MagnitudeImportance`` + ``BasePruner`` to the equal FLOPs, KD for
@@ -438,11 +439,13 @@ class Runner:
         return cdd_plugin.CDDConfig(**kw)
 
     def run_cdd(self, name: str, cfg: cdd_plugin.CDDConfig, *, settings: Optional[tc.Settings] = None,
-                end_cut: Optional[float] = None, key_extra: Optional[dict] = None) -> dict:
+                end_cut: Optional[float] = None, cut_masked: bool = False,
+                key_extra: Optional[dict] = None) -> dict:
         """Train one CDD student from the heavy pretraining with ``cfg``, merge, evaluate (cached)."""
         S = settings or self.S
         teacher_key = self.key("teacher", self.S.TRAIN_FIELDS)
-        keys = [self.key(name, S.CDD_FIELDS, teacher=teacher_key, cfg=c, end_cut=end_cut, **(key_extra or {}))
+        extra_key = dict(key_extra or {}, **({"cut_masked": True} if cut_masked else {}))
+        keys = [self.key(name, S.CDD_FIELDS, teacher=teacher_key, cfg=c, end_cut=end_cut, **extra_key)
                 for c in _cfg_keys(cfg)]
         key = keys[0]
         for k in keys:
@@ -473,6 +476,8 @@ class Runner:
                         100 * summ["flops_ratio"])
             if end_cut is not None:
                 extra["end_cut"] = tc.cut_to_flops(state, end_cut)
+            if cut_masked:
+                extra["end_cut"] = tc.cut_masked(state)
             predicted = state.predicted_flops()
             merged = cdd_plugin.merge(student)
             extra["flops_predicted"] = int(predicted)
@@ -550,7 +555,7 @@ class Runner:
         elif row == "cdd_norm":
             cfg = self._cdd_cfg(lam, "norm", flops_target=frac)
             cfg.norm_step = self._norm_step(cfg, ref)
-            rec = self.run_cdd(row, cfg)
+            rec = self.run_cdd(row, cfg, cut_masked=True)
         elif row == "cdd_lasso":
             rec = self.run_cdd(row, self._cdd_cfg(lam, "none"), end_cut=ref)
         elif row in ABLATIONS:

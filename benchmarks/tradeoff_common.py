@@ -614,6 +614,22 @@ def cut_to_flops(state, target_flops: float) -> dict:
             "predicted_flops_after_cut": int(state.predicted_flops())}
 
 
+def cut_masked(state) -> dict:
+    """ResRep's end of training: every masked row is removed, at zero or not (its masks are the plan;
+    a masked row the lasso has not brought to zero yet would otherwise keep its channel)."""
+    thr = state.cfg.threshold
+    cut_norms = []
+    for unit in state.units:
+        alive = state.unit_mask(unit).bool().cpu()
+        norms = state.unit_scores(unit).float().cpu()
+        chans = (~alive & (norms >= thr)).nonzero().flatten().tolist()
+        cut_norms += norms[chans].tolist()
+        for name in state.units[unit]:
+            state.compactors[name].zero_(chans)
+    return {"rows_cut": len(cut_norms), "largest_cut_norm": max(cut_norms) if cut_norms else 0.0,
+            "predicted_flops_after_cut": int(state.predicted_flops())}
+
+
 def light_width(S: Settings, classes: int, target_flops: float) -> Tuple[int, int]:
     """The integer ``width_per_group`` whose deployed FLOPs are closest to ``target_flops``."""
     cache: Dict[int, int] = {}
