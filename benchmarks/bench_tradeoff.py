@@ -59,16 +59,17 @@ tp_residual    (only when named in ``--rows``) ``tp`` with the residual streams 
 =============  ===========================================================================
 
 Ablations of the recipe (run with ``--rows``; each is cdd_rggr with its chosen lasso and one setting
-changed): ``abl_one_lasso`` (the scaled lasso on every row, as the authors), ``abl_feat_after`` (feature term after the compactor), ``abl_no_decay`` (compactors exempt
-from weight decay), ``abl_no_snap`` (no proximal snap), ``abl_mask_late`` (masks from 1/3 of the
-budget), ``abl_ratio_authors`` (p = 0.5), ``abl_sites_authors`` / ``abl_sites_all`` (placement),
-``abl_live_lasso_paper`` (the paper's 0.004 on the rows that still learn, the chosen scaled lasso on
-masked rows only: ``CDDConfig.masked_lasso``), ``abl_live_lasso_p09`` (the same with p = 0.9, so
-masks grow faster under the weak live pull), ``abl_live_p09_feat_after`` (that, with the feature
-term read after the compactor), ``abl_live_p09_no_decay`` (that, with the compactors exempt from weight
-decay). Beyond the paper: ``abl_residual`` and ``abl_live_p09_residual`` (the chosen row and the
-live-lasso row with ``CDDConfig(residual=True)``: the residual streams of stages 1-3 compacted too;
-the last stage is the embedding and stays dense).
+changed): ``abl_one_lasso`` (the scaled lasso on every row, as the authors), ``abl_feat_after`` (feature
+term after the compactor), ``abl_no_decay`` (compactors exempt from weight decay), ``abl_no_snap`` (no
+proximal snap), ``abl_mask_late`` (masks from 1/3 of the budget), ``abl_ratio_authors`` (p = 0.5),
+``abl_sites_authors`` / ``abl_sites_all`` (placement), ``abl_live_lasso_paper`` (the paper's 0.004 on the
+rows that still learn, the chosen scaled lasso on masked rows only: ``CDDConfig.masked_lasso``),
+``abl_live_lasso_p09`` (the same with p = 0.9, so masks grow faster under the weak live pull),
+``abl_live_p09_feat_after`` (that, with the feature term read after the compactor),
+``abl_live_p09_no_decay`` (that, with the compactors exempt from weight decay). Beyond the paper:
+``abl_residual`` and ``abl_live_p09_residual`` (the chosen row and the live-lasso row with
+``CDDConfig(residual=True)``: the residual streams of stages 1-3 compacted too; the last stage is the
+embedding and stays dense).
 
 The lasso (METHOD.md section 6): the paper's 0.004 covers ~39,350 iterations after the mask start;
 the lasso's travel scales with iterations x LR x lambda, so the scaled value is 0.004 x 39,350 /
@@ -83,12 +84,12 @@ latency at batch 1 and 32. Differences between rows are paired over the same que
 
 Presets
 -------
-``--preset cpu``: the recipe above for the CDD rows; ResNet-50 at 64x32 on 2 CPU cores (measured here: 0.78 s per plain training step at
-batch 32, ~1 s per KD / CDD step, 22 s per test evaluation); 100 study / 25 validation / 400 pretraining
-/ 200 test identities; 416 iterations per row (8 epochs of the study set), 600 for each pretraining
-and for the teacher; lasso grid x(0.25, 1). 64x32 (a quarter of Market-1501's native 128x64) buys a
-budget of ~400 iterations per row: the whole preset, pretraining included, took 89 minutes alone on
-2 cores (benchmarks/RESULTS.md, run C); the ranking, not the absolute mAP, is the result.
+``--preset cpu``: the recipe above for the CDD rows; ResNet-50 at 64x32 on 2 CPU cores (measured here:
+0.78 s per plain training step at batch 32, ~1 s per KD / CDD step, 22 s per test evaluation); 100 study /
+25 validation / 400 pretraining / 200 test identities; 416 iterations per row (8 epochs of the study set),
+600 for each pretraining and for the teacher; lasso grid x(0.25, 1). 64x32 (a quarter of Market-1501's
+native 128x64) buys a budget of ~400 iterations per row: the whole preset, pretraining included, took 89
+minutes alone on 2 cores (benchmarks/RESULTS.md, run C); the ranking, not the absolute mAP, is the result.
 ``--preset full``: the paper's settings on a GPU (``--device cuda``): 256x128, all 751 identities for
 training minus the validation ones, full test split, 120 epochs, lasso 0.004, queue 24000.
 ``--preset smoke``: two minutes of plumbing (ResNet-26, 16x8 input, a few iterations); numbers mean nothing.
@@ -144,7 +145,8 @@ LABELS = {"teacher": "teacher", "kd_heavy": "heavy student, KD", "cdd_rggr": "CD
           "abl_no_decay": "ablation: no weight decay on compactors", "abl_no_snap": "ablation: no proximal snap",
           "abl_mask_late": "ablation: masks from 1/3 of the budget",
           "abl_ratio_authors": "ablation: the authors' ratio p = 0.5",
-          "abl_one_lasso": "ablation: one (schedule-scaled) lasso on every row, as the authors", "abl_sites_authors": "ablation: the authors' placement",
+          "abl_one_lasso": "ablation: one (schedule-scaled) lasso on every row, as the authors",
+          "abl_sites_authors": "ablation: the authors' placement",
           "abl_sites_all": "ablation: every channel set (sites='all')",
           "abl_live_lasso_paper": "ablation: the paper's lasso on live rows, the scaled one on masked rows",
           "abl_live_lasso_p09": "ablation: as the row above, with p = 0.9 (masks grow faster)",

@@ -1,17 +1,25 @@
-"""Which PyTorch CPU inference form lifts the merged model's batch-1 speed-up? (experiment, not shipped)"""
-import copy, sys, time, statistics, os
-sys.path.insert(0, "/work/main/benchmarks")
-import torch, torchvision
-import cdd_plugin
-from bench_speed import _compressed, _fold_bn
-from cdd_plugin.deploy import interleaved_latency
+"""Which PyTorch CPU inference form lifts the merged model's batch-1 speed-up? (experiment, not shipped)
+
+    python benchmarks/results/speed_2026-12-01c/lat_levers.py [eager] [mkldnn_conv] [jit_ofi] [compile]
+"""
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ (bench_speed, tradeoff_common)
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+import cdd_plugin  # noqa: E402
+from bench_speed import _compressed, _fold_bn  # noqa: E402
+from cdd_plugin.deploy import interleaved_latency  # noqa: E402
 
 torch.set_num_threads(2)
 size = (256, 128)
 keep = 0.35
 torch.manual_seed(0)
 dense = torchvision.models.resnet50().eval()
-which = sys.argv[1:] or ["eager", "mkldnn_conv", "compile"]
+which = sys.argv[1:] or ["eager", "mkldnn_conv", "jit_ofi", "compile"]
 res = _compressed(dense, size, keep, 8, residual=True)[1]
 x1 = torch.randn(1, 3, *size)
 fd = cdd_plugin.profile(dense, x1)["flops"]; fr = cdd_plugin.profile(res, x1)["flops"]
@@ -32,7 +40,7 @@ class MkldnnConv(torch.nn.Module):
 
 def force_mkldnn(m):
     m = copy.deepcopy(m)
-    for name, mod in list(m.named_modules()):
+    for mod in list(m.modules()):
         for cn, c in list(mod.named_children()):
             if isinstance(c, torch.nn.Conv2d):
                 setattr(mod, cn, MkldnnConv(c))
@@ -73,4 +81,5 @@ for kind in which:
         lat = interleaved_latency(fns, rounds=5 if b == 1 else 3, runs=5 if b == 1 else 2)
         sp = lat["dense"] / lat["res"]
         print(f"{kind:12s} b{b:<3d} dense {lat['dense']:7.2f} ms  residual-merged {lat['res']:7.2f} ms  "
-              f"speed-up x{sp:.2f}  / FLOPs factor = {sp / factor:.2f}   (warm-up {time.time() - t0:.0f} s)", flush=True)
+              f"speed-up x{sp:.2f}  / FLOPs factor = {sp / factor:.2f}   (warm-up {time.time() - t0:.0f} s)",
+              flush=True)
