@@ -298,13 +298,16 @@ def test_export_onnx_refuses_unmerged_models_and_leaves_no_file(tmp_path, resnet
     with pytest.raises(ExportError, match="does not exist"):
         export_onnx(resnet18_student[1], str(tmp_path / "nope" / "m.onnx"), torch.randn(1, 3, 32, 32))
     with pytest.raises(ExportError, match="nothing was written"):  # a model the exporter cannot trace
-        export_onnx(_DataDependent(), str(target), torch.randn(1, 3, 8, 8))
+        export_onnx(_NoOnnxOp(), str(target), torch.randn(1, 3, 8, 8))
     assert not list(tmp_path.iterdir())
 
 
-class _DataDependent(torch.nn.Module):
+class _NoOnnxOp(torch.nn.Module):
+    """An operator ONNX has no export for: the exporter fails whatever the input (a data-dependent
+    model failed only for some random inputs, so the test depended on the global random state)."""
+
     def forward(self, x):
-        return x[x > 0].sum().reshape(1) * torch.ones(int(x.abs().sum().item()) % 3 + 1)
+        return torch.special.bessel_j0(x)
 
 
 # ------------------------------------------------------------------------------------ errors
