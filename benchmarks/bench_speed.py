@@ -233,9 +233,10 @@ def _compressed(dense, size, keep, round_to=1, residual=False):
 
 
 def _fold_bn(model):
-    """``model`` with every BatchNorm that follows a convolution folded into it (a copy; torch.fx's fusion)."""
-    import torch.fx.experimental.optimization as fx_opt
-    return fx_opt.fuse(copy.deepcopy(model).eval())
+    """``model`` with every BatchNorm that follows a convolution folded into it (a copy; the library's
+    ``fold_batchnorms``, torch.fx's fusion)."""
+    from cdd_plugin.deploy import fold_batchnorms
+    return fold_batchnorms(model)
 
 
 def bench_latency(arch, size, batches, keep, runs, round_to=1, compare_residual=False):
@@ -267,7 +268,8 @@ def bench_latency(arch, size, batches, keep, runs, round_to=1, compare_residual=
         out["flops_ratio_residual"] = f_dense / flops["residual"]
         out["params"] = {k: cdd_plugin.profile(m, x)["params"] for k, m in models.items()}
     # PyTorch and onnxruntime, every model timed in alternation (medians of interleaved rounds)
-    table = latency_table(models, (3, *size), batches=batches, rounds=max(3, runs // 2), runs=2)
+    table = latency_table(models, (3, *size), batches=batches, rounds=max(3, runs // 2), runs=2,
+                          fold_bn=False)  # folded above; dense_unfolded stays as trained
     for b in batches:
         xb = torch.randn(b, 3, *size)
         p = table[f"batch{b}"]

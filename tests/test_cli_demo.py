@@ -278,6 +278,11 @@ def test_export_writes_a_checked_onnx_file_and_times_both_runtimes(tmp_path, cdd
                               "--rounds", "1", "--runs", "1")
     assert code == 0, err
     assert "onnxruntime matches PyTorch" in out and "onnxruntime dense" in out
+    # the fair basis: the dense network is timed with its BatchNorms folded, as the merged one has them
+    assert "both models with their BatchNorms folded" in out
+    factor = cdd_plugin.profile(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32))["flops"] / \
+        cdd_plugin.profile(merged, torch.randn(1, 3, 32, 32))["flops"]
+    assert f"FLOPs factor x{factor:.2f}" in out
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))  # another batch size: dynamic axis
     got = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
@@ -300,6 +305,50 @@ def test_export_onnx_refuses_unmerged_models_and_leaves_no_file(tmp_path, resnet
     with pytest.raises(ExportError, match="nothing was written"):  # a model the exporter cannot trace
         export_onnx(_NoOnnxOp(), str(target), torch.randn(1, 3, 8, 8))
     assert not list(tmp_path.iterdir())
+
+
+def test_fold_batchnorms_keeps_the_function_drops_the_batchnorms_and_leaves_the_model_alone():
+    from cdd_plugin.deploy import fold_batchnorms
+
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():  # BatchNorms with statistics of their own, so folding has something to change
+        for m in dense.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    dense.train()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    folded = fold_batchnorms(dense)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert dense.training and all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = dense.eval()(x)
+        assert torch.allclose(folded(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_latency_table_times_a_model_torch_fx_cannot_trace_as_it_is_and_says_so():
+    from cdd_plugin.deploy import ExportError, fold_batchnorms, latency_table
+
+    with pytest.raises(ExportError, match="fold_bn=False"):
+        fold_batchnorms(_Branchy())
+    table = latency_table({"dense": torchvision.models.resnet18(num_classes=4), "branchy": _Branchy()},
+                          (3, 16, 16), batches=(2,), rounds=1, runs=1)
+    assert table["bn_folded"] == {"dense": True, "branchy": False}
+    assert set(table["batch2"]) == {"torch_dense", "ort_dense", "torch_branchy", "ort_branchy"}
+    assert all(v > 0 for v in table["batch2"].values())
+
+
+class _Branchy(torch.nn.Module):
+    """Exports to ONNX (the branch is taken at trace time) but torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y.flatten(1) if y.sum() > -1e30 else y
 
 
 class _NoOnnxOp(torch.nn.Module):

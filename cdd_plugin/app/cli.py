@@ -367,6 +367,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
+    import cdd_plugin
     from ..deploy import ExportError, export_onnx, latency_pair
 
     if os.path.exists(args.out) and not args.force:
@@ -387,12 +388,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         batches = sorted(set(args.batches))
         lat = latency_pair(dense, model, tuple(x.shape[1:]), batches=batches, rounds=args.rounds,
                            runs=args.runs)
-        print(f"latency, medians of {args.rounds} interleaved rounds, {torch.get_num_threads()} thread(s):")
-        print("  batch    PyTorch dense   merged  speed-up    onnxruntime dense   merged  speed-up")
+        factor = cdd_plugin.profile(dense, x)["flops"] / max(1, cdd_plugin.profile(model, x)["flops"])
+        folded = lat["bn_folded"]
+        basis = ("both models with their BatchNorms folded into their convolutions, as onnxruntime runs them"
+                 if all(folded.values()) else
+                 f"BatchNorms NOT folded in the {' and '.join(k for k, v in folded.items() if not v)} model "
+                 "(torch.fx cannot trace it): PyTorch's speed-up may read high")
+        print(f"latency, medians of {args.rounds} interleaved rounds, {torch.get_num_threads()} thread(s), FLOPs "
+              f"factor x{factor:.2f}\n  ({basis}; /FLOPs = speed-up / FLOPs factor, 1.00: latency follows FLOPs)")
+        print("  batch    PyTorch dense   merged  speed-up  /FLOPs    onnxruntime dense   merged  speed-up  /FLOPs")
         for b in batches:
             r = lat[f"batch{b}"]
-            print(f"  {b:>5}  {r['torch_dense']:>12.1f} ms {r['torch_merged']:>6.1f} ms   x{r['torch_dense'] / r['torch_merged']:.2f}"
-                  f"    {r['ort_dense']:>14.1f} ms {r['ort_merged']:>6.1f} ms   x{r['ort_dense'] / r['ort_merged']:.2f}")
+            st, so = r["torch_dense"] / r["torch_merged"], r["ort_dense"] / r["ort_merged"]
+            print(f"  {b:>5}  {r['torch_dense']:>12.1f} ms {r['torch_merged']:>6.1f} ms   x{st:.2f}   {st / factor:5.2f}"
+                  f"    {r['ort_dense']:>14.1f} ms {r['ort_merged']:>6.1f} ms   x{so:.2f}   {so / factor:5.2f}")
     return 0
 
 
