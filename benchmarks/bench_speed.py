@@ -317,6 +317,8 @@ def main(argv=None) -> int:
                     "CPU kernels) [default: 1]")
     ap.add_argument("--residual", action="store_true", help="[3]: also the model with its residual streams "
                     "compacted (CDDConfig(residual=True)), cut to the same FLOPs and timed in the same alternation")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of PyTorch and onnxruntime [default: "
+                    "PyTorch's, here every core]; batch-1 serving usually runs 1 per worker process")
     ap.add_argument("--rounds", type=int, default=3, help="[1]: rounds of (KD, CDD, CDD without refresh) steps")
     ap.add_argument("--step-only", action="store_true", help="only [1] and [2]: the training step and the selection")
     ap.add_argument("--latency-only", action="store_true", help="only [3]: merged latency in PyTorch and onnxruntime")
@@ -325,6 +327,10 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     h, w = (int(v) for v in args.input.lower().split("x"))
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     if args.memory_child is not None:
         print(json.dumps(_memory_child(args.memory_child, args.arch, (h, w), args.batch, 751, args.queue)))
         return 0

@@ -1,7 +1,7 @@
 """Latency of merged ResNet-50s with the widths CDD really produced in the trade-off study, against the
 widths of bench_speed.py's synthetic cut, every model BN-folded, timed at 256x128 in alternation.
 
-    python benchmarks/results/speed_2026-12-01d/real_widths.py RECIPE_MERGED.pth RESIDUAL_MERGED.pth
+    python benchmarks/results/speed_2026-12-01d/real_widths.py RECIPE_MERGED.pth RESIDUAL_MERGED.pth [THREADS]
 
 RECIPE_MERGED.pth / RESIDUAL_MERGED.pth: merged rows saved by bench_tradeoff.py (``cdd_rggr`` and
 ``abl_live_p09_residual``; the study trains at 64x32, and widths do not depend on the input size).
@@ -54,7 +54,7 @@ def rounded(model, to=8):
 
 
 def main():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
     size = (256, 128)
     x = torch.randn(1, 3, *size)
     dense = Embedding(tc.ReIDNet("resnet50", 100)).eval()
