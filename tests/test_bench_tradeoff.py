@@ -63,7 +63,7 @@ def test_study_runs_every_requested_row_and_compares_them_at_equal_flops(study):
     eligible = [c for c in cands if c["reduction"] >= res["settings"]["min_reduction"]] or cands
     assert chosen[0]["val_mAP"] == max(c["val_mAP"] for c in eligible)
     md = (work / "run1" / "results.md").read_text()
-    assert all(f"| {rows[n]['label']}" in md or rows[n]["label"] in md for n in rows)
+    assert all(r["label"] in md for r in rows.values())
 
 
 def test_a_rerun_from_the_cache_reproduces_every_figure_without_training(study):
